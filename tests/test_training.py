@@ -1,0 +1,234 @@
+"""Data, model, training loop, dashboards and the train.py CLI, on a tiny generated CIFAR-10."""
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.func import functional_call
+
+import train
+import torch_bn
+from torch_bn.data import DataError, load_cifar10
+from torch_bn.models import MLP
+from torch_bn.training import RunExistsError, Trainer, TrainConfig, run
+
+TINY = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
+
+
+def tiny_data(root):
+    return load_cifar10(root, num_val=20, num_test=20, verify=False)
+
+
+def events(run_dir):
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def test_tiny_folder_loads_through_torchvision(tiny_cifar):
+    data = tiny_data(tiny_cifar)
+    assert data.X_train.shape == (130, 3, 32, 32) and data.X_train.dtype == torch.float32
+    assert data.X_val.shape == (20, 3, 32, 32) and data.X_test.shape == (20, 3, 32, 32)
+    with open(os.path.join(tiny_cifar, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
+        raw = pickle.load(f)
+    assert data.y_train[:30].tolist() == raw["labels"]  # order kept
+    first = torch.from_numpy(raw["data"][0]).float().view(3, 32, 32)
+    torch.testing.assert_close(data.X_train[0] + data.mean_image, first)  # CHW planes, mean subtracted
+    torch.testing.assert_close(data.X_train.mean(0), torch.zeros(3, 32, 32), atol=1e-3, rtol=0)
+    small = load_cifar10(tiny_cifar, num_train=10, num_val=20, num_test=20, verify=False)
+    assert len(small.X_train) == 10
+    torch.testing.assert_close(small.mean_image, data.mean_image)  # the whole split's mean, as the seed
+
+
+def test_md5_failure_names_no_verify(tiny_cifar):
+    with pytest.raises(DataError, match="md5 integrity check.*--no-verify"):
+        load_cifar10(tiny_cifar, num_val=20, num_test=20)
+
+
+def test_no_verify_still_needs_the_files(tmp_path):
+    os.makedirs(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(DataError, match="incomplete.*must still exist"):
+        load_cifar10(str(tmp_path), verify=False)
+
+
+def test_missing_data_exits_2_with_clear_error(tmp_path, monkeypatch, capsys):
+    def offline(self):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch_bn.data.torchvision.datasets.CIFAR10, "download", offline)
+    code = train.main(["--data-dir", str(tmp_path / "nowhere"), "--logdir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--data-dir" in err and "cifar-10-batches-py" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "runs")  # nothing left behind
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reg", [0.0, 3.14])
+def test_mlp_gradcheck_float64(reg):
+    """Seed 1.4: N=2, D=15, hidden (20, 30), C=10, weight_scale 5e-2, with batch norm."""
+    torch.manual_seed(231)
+    model = MLP(15, (20, 30), 10, norm="torch_bn", weight_scale=5e-2).double()
+    x = torch.randn(2, 15, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,))
+    names = [n for n, _ in model.named_parameters()]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def loss_fn(*params):
+        state = {**dict(zip(names, params)), **{n: b.clone() for n, b in buffers.items()}}
+        out = functional_call(model, state, (x,))
+        return torch.nn.functional.cross_entropy(out, y) + 0.5 * reg * sum(
+            (p ** 2).sum() for n, p in zip(names, params) if n.endswith("weight") and p.dim() == 2)
+
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    assert torch.autograd.gradcheck(loss_fn, params)
+    # l2_penalty is the same regularizer.
+    penalty = model.l2_penalty(reg)
+    expected = 0.5 * reg * sum((m.weight ** 2).sum() for m in model.linears())
+    torch.testing.assert_close(penalty, expected)
+
+
+@pytest.mark.parametrize("norm", ["torch_bn", "none"])
+def test_initial_loss_is_ln10_for_small_weight_scale(norm):
+    torch.manual_seed(0)
+    model = MLP(3072, (100,) * 5, 10, norm=norm, weight_scale=1e-3)
+    x = torch.randn(50, 3, 32, 32) * 60
+    loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (50,)))
+    assert abs(loss.item() - math.log(10)) < 0.01
+
+
+def test_mlp_layout_and_bad_arguments():
+    model = MLP(12, (7, 5), 3, norm="torch", dropout=0.5)
+    kinds = [type(m).__name__ for m in model.net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    assert isinstance(MLP(12, (7,), 3).net[1], torch_bn.BatchNorm1d)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        MLP(norm="layer")
+    with pytest.raises(ValueError, match="weight_scale must be positive"):
+        MLP(weight_scale=0.0)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def small_config(**kw):
+    base = dict(hidden_dims=(16, 16), weight_scale=2e-2, batch_size=10, epochs=3, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_same_seed_same_numbers(tiny_cifar, tmp_path):
+    data = tiny_data(tiny_cifar)
+    a = run(small_config(dropout=0.2), data, str(tmp_path / "a"), progress=False)
+    b = run(small_config(dropout=0.2), data, str(tmp_path / "b"), progress=False)
+    assert a["history"] == b["history"] and a["test_acc"] == b["test_acc"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tiny_cifar, tmp_path):
+    data = tiny_data(tiny_cifar)
+    config = small_config(dropout=0.2, optimizer="sgd_momentum", lr=1e-2, lr_decay=0.9)
+    full = run(config, data, str(tmp_path / "full"), progress=False)
+
+    def stop_after_first_epoch(trainer):
+        if trainer.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(config, data, str(tmp_path / "cut"), progress=False).fit(on_epoch_end=stop_after_first_epoch)
+    assert not os.path.exists(tmp_path / "cut" / "summary.json")
+    resumed = run(config, data, str(tmp_path / "cut"), progress=False, resume=True)
+    assert resumed["history"] == full["history"]
+    assert resumed["test_acc"] == full["test_acc"] and resumed["best_val_acc"] == full["best_val_acc"]
+    # The dashboard of the resumed run holds each iteration once.
+    steps = [e.step for e in events(str(tmp_path / "cut")).Scalars("loss/train")]
+    assert steps == list(range(1, len(full["history"]["loss"]) + 1))
+
+
+def test_runs_are_never_overwritten(tiny_cifar, tmp_path):
+    data = tiny_data(tiny_cifar)
+    run(small_config(epochs=1), data, str(tmp_path / "r"), progress=False)
+    before = os.listdir(tmp_path / "r")
+    with pytest.raises(RunExistsError, match="never overwritten"):
+        Trainer(small_config(epochs=1), data, str(tmp_path / "r"), progress=False)
+    assert os.listdir(tmp_path / "r") == before
+
+
+def test_compare_cli_dashboards_and_summaries(tiny_cifar, tmp_path):
+    logdir = str(tmp_path / "runs")
+    args = ["--compare", "--data-dir", tiny_cifar, "--logdir", logdir, "--run-name", "cmp", "--epochs", "2",
+            "--batch-size", "10", "--hidden-dims", "16,16", "--weight-scale", "0.02", *TINY]
+    assert train.main(args) == 0
+    root = os.path.join(logdir, "cmp")
+    summaries = {}
+    for norm in ("torch_bn", "torch", "none"):
+        with open(os.path.join(root, norm, "summary.json")) as f:
+            summaries[norm] = json.load(f)
+        s = summaries[norm]
+        assert set(s) >= {"config", "best_val_acc", "final_train_acc", "test_acc", "wall_time_s", "device", "versions"}
+        acc = events(os.path.join(root, norm))
+        tags = acc.Tags()
+        assert {"loss/train", "accuracy/train", "accuracy/val", "lr"} <= set(tags["scalars"])
+        assert len(acc.Scalars("loss/train")) == 2 * 13 and len(acc.Scalars("accuracy/val")) == 3
+        if norm != "none":
+            assert {"bn0/weight", "bn0/bias", "bn0/running_mean", "bn1/running_var"} <= set(tags["histograms"])
+        assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+        assert "hparam/best_val_acc" in tags["scalars"]
+    # Same initial weights and batch order: torch_bn and nn.BatchNorm1d give the same curves.
+    first = [summaries[n]["history"]["loss"][0] for n in ("torch_bn", "torch")]
+    assert first[0] == pytest.approx(first[1], rel=1e-6, abs=1e-6)
+    for a, b in zip(summaries["torch_bn"]["history"]["loss"], summaries["torch"]["history"]["loss"]):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
+    # The same run name again is refused, and nothing is overwritten.
+    assert train.main(args) == 2
+
+
+def test_experiments_write_figures_and_hparams(tiny_cifar, tmp_path):
+    logdir = str(tmp_path / "runs")
+    common = ["--data-dir", tiny_cifar, "--logdir", logdir, "--epochs", "1", "--num-train", "100", *TINY]
+    assert train.main(["--experiment", "deep", "--run-name", "deep", *common]) == 0
+    assert os.path.getsize(os.path.join(logdir, "deep", "deep.png")) > 10_000
+    assert "deep" in events(os.path.join(logdir, "deep")).Tags()["images"]
+    assert train.main(["--experiment", "weight-scale", "--num-scales", "2", "--run-name", "ws", *common]) == 0
+    root = os.path.join(logdir, "ws")
+    assert os.path.getsize(os.path.join(root, "weight_scale.png")) > 10_000
+    runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    assert runs == ["scale00_none", "scale00_torch_bn", "scale01_none", "scale01_torch_bn"]
+    for d in runs:
+        with open(os.path.join(root, d, "summary.json")) as f:
+            s = json.load(f)
+        assert s["config"]["hidden_dims"] == [50] * 7 and s["num_train"] == 100
+        assert "_hparams_/session_start_info" in events(os.path.join(root, d)).PluginTagToContent("hparams")
+
+
+def test_resume_cli_finishes_an_interrupted_run(tiny_cifar, tmp_path, monkeypatch):
+    logdir = str(tmp_path / "runs")
+    args = ["--batchnorm", "--data-dir", tiny_cifar, "--logdir", logdir, "--run-name", "r", "--epochs", "2",
+            "--hidden-dims", "8", *TINY]
+    original_save = Trainer._save
+
+    def save_then_crash(self):
+        original_save(self)
+        raise Interrupt
+
+    monkeypatch.setattr(Trainer, "_save", save_then_crash)
+    with pytest.raises(Interrupt):
+        train.main(args)
+    monkeypatch.setattr(Trainer, "_save", original_save)
+    assert train.main(["--resume", os.path.join(logdir, "r"), "--quiet"]) == 0
+    with open(os.path.join(logdir, "r", "summary.json")) as f:
+        assert len(json.load(f)["history"]["val_acc"]) == 3
+    assert train.main(["--resume", str(tmp_path), "--quiet"]) == 2
+
+
+def test_cli_rejects_contradictions(capsys):
+    assert train.main(["--batchnorm", "--norm", "none"]) == 2
+    assert "--batchnorm means --norm torch_bn" in capsys.readouterr().err
+    assert train.main(["--compare", "--experiment", "deep"]) == 2
