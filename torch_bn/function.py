@@ -1,15 +1,22 @@
 """``BatchNormFunction``: training-mode batch norm as a custom autograd Function.
 
-Forward and backward are the hand-written math of :mod:`torch_bn.ops`. The Function uses
-the ``forward`` + ``setup_context`` style so that it composes with torch.func transforms
-(``generate_vmap_rule``) and ``torch.compile``.
+Forward and backward are the hand-written math of :mod:`torch_bn.ops` (the reference), run
+through :mod:`torch_bn.fused` (the same math in fewer memory passes) where autograd is not
+recording. The Function uses the ``forward`` + ``setup_context`` style so that it composes
+with torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import fused, ops
+
+
+def _use_fused() -> bool:
+    # The fused paths write into buffers they allocate (out=, in place); under torch.func
+    # transforms those would be wrapped tensors, so transforms get the plain reference ops.
+    return not torch._C._are_functorch_transforms_active()
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -17,10 +24,9 @@ class BatchNormFunction(torch.autograd.Function):
 
     Inputs: x (N, C, *) floating point; weight, bias (C,) or None; eps (float);
     backward: "closed_form" (default formula) or "staged" (node-by-node).
-    Outputs: y like x; the batch mean and biased variance (C,) in compute dtype, which
-    are not differentiable (they are returned so callers can update running statistics).
-    Saves for backward: x, weight and the per-channel mean and var (nothing of size x
-    beyond the input itself).
+    Outputs: y like x; the batch mean and biased variance (C,) in compute dtype, which are not
+    differentiable (callers use them to update running statistics).
+    Saves for backward: x, weight, mean and var; nothing of x's size beyond x itself.
     """
 
     generate_vmap_rule = True
@@ -28,27 +34,38 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 backward: str = "closed_form") -> tuple[Tensor, Tensor, Tensor]:
+        if _use_fused():
+            return fused.forward_train(x, weight, bias, eps)
         mean, var = ops.batch_stats(x)
-        y = ops.normalize(x, mean, torch.rsqrt(var + eps), weight, bias)
-        return y, mean, var
+        return ops.normalize(x, mean, torch.rsqrt(var + eps), weight, bias), mean, var
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, _bias, eps, backward = inputs
         _y, mean, var = output
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
-        ctx.backward_fn = ops.closed_form_backward if backward == "closed_form" else ops.staged_backward
+        ctx.backward = backward
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):
+    def backward(ctx, dy: Tensor | None, _dmean, _dvar):
         x, weight, mean, var = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # Double backward: the statistics are functions of x, so recompute them with
-            # differentiable ops instead of using the forward's constants.
+        if dy is None:
+            return None, None, None, None, None
+        double_backward = torch.is_grad_enabled()
+        if double_backward:
+            # mean and var are functions of x: recompute them with differentiable ops
+            # instead of using the forward's constants.
             mean, var = ops.batch_stats(x)
-        dx, dweight, dbias = ctx.backward_fn(dy, x, mean, torch.rsqrt(var + ctx.eps), weight)
+        rstd = torch.rsqrt(var + ctx.eps)
+        if ctx.backward == "closed_form" and not double_backward and _use_fused():
+            dx, dweight, dbias = fused.closed_form_backward(dy, x, mean, rstd, weight)
+        else:
+            xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
+            impl = ops.closed_form_backward if ctx.backward == "closed_form" else ops.staged_backward
+            dx, dweight, dbias = impl(dy, xhat, rstd, weight)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,

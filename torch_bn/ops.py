@@ -33,14 +33,15 @@ def as_channel(v: Tensor, x: Tensor) -> Tensor:
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel batch mean and biased variance.
+    """Per-channel batch mean and biased variance (C,) in compute dtype.
 
-    Inputs: x (N, C, *). Outputs: mean (C,), var (C,) in compute dtype.
-    ``torch.var_mean`` uses Welford's algorithm, which is stable for data far from zero
-    (E[x^2] - E[x]^2 would cancel catastrophically for x = 1e4 + noise).
+    Two passes: the mean, then the mean of squared deviations. Stable for data far from zero,
+    where E[x^2] - E[x]^2 cancels catastrophically.
     """
-    var, mean = torch.var_mean(x.to(compute_dtype(x)), dim=reduce_dims(x), correction=0)
-    return mean, var
+    dims, m = reduce_dims(x), x.numel() // x.shape[1]
+    mean = x.sum(dims, dtype=compute_dtype(x)) / m
+    xmu = x - as_channel(mean, x)
+    return mean, (xmu * xmu).sum(dims) / m
 
 
 def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -62,33 +63,28 @@ def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias
 
 
 def closed_form_backward(
-    dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None
+    dy: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode backward in closed form (docs/derivation.md).
+    """Training-mode backward in closed form (docs/derivation.md; the reference, differentiable).
 
-    Inputs: upstream gradient dy and input x (N, C, *); the forward's mean, rstd (C,);
-    weight (C,) or None. Outputs: dx (dtype of x), dweight, dbias (C,, compute dtype).
+    Inputs: upstream gradient dy (N, C, *); the normalized input xhat (N, C, *) in compute
+    dtype and rstd = 1/sqrt(var + eps) (C,); weight (C,) or None.
+    Outputs: dx (dtype of dy), dweight, dbias (C,, compute dtype).
 
-        xhat = (x - mean) * rstd
         dbias = sum(dy),  dweight = sum(dy * xhat)
         dx = weight * rstd / M * (M * dy - dbias - xhat * dweight)
-
-    Written with differentiable ops only, so autograd can differentiate it again.
     """
-    dtype = compute_dtype(x)
-    dims = reduce_dims(x)
-    m = x.numel() // x.shape[1]
-    xhat = (x.to(dtype) - as_channel(mean, x)) * as_channel(rstd, x)
-    dy = dy.to(dtype)
-    dbias = dy.sum(dims)
-    dweight = (dy * xhat).sum(dims)
-    g = rstd if weight is None else rstd * weight.to(dtype)
-    dx = as_channel(g / m, x) * (m * dy - as_channel(dbias, x) - xhat * as_channel(dweight, x))
-    return dx.to(x.dtype), dweight, dbias
+    dims, m = reduce_dims(xhat), xhat.numel() // xhat.shape[1]
+    dyc = dy.to(xhat.dtype)
+    dbias = dyc.sum(dims)
+    dweight = (dyc * xhat).sum(dims)
+    g = rstd if weight is None else rstd * weight.to(xhat.dtype)
+    dx = as_channel(g / m, xhat) * (m * dyc - as_channel(dbias, xhat) - xhat * as_channel(dweight, xhat))
+    return dx.to(dy.dtype), dweight, dbias
 
 
 def staged_backward(
-    dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None
+    dy: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode backward, node by node through the forward's computation graph.
 
@@ -100,24 +96,21 @@ def staged_backward(
     and each line below is the local derivative of one node, summing gradients where a
     node feeds two others (xmu feeds sq and xhat; x feeds mu and xmu).
     """
-    dtype = compute_dtype(x)
-    dims = reduce_dims(x)
-    m = x.numel() // x.shape[1]
-    dy = dy.to(dtype)
-    xmu = x.to(dtype) - as_channel(mean, x)
+    dims, m = reduce_dims(xhat), xhat.numel() // xhat.shape[1]
+    dyc = dy.to(xhat.dtype)
     ivar = rstd
-    xhat = xmu * as_channel(ivar, x)
-    dbias = dy.sum(dims)                                   # out = gammax + bias
-    dweight = (dy * xhat).sum(dims)                        # gammax = weight * xhat
-    dxhat = dy if weight is None else dy * as_channel(weight.to(dtype), x)
+    xmu = xhat / as_channel(ivar, xhat)                    # the forward's x - mu, recovered
+    dbias = dyc.sum(dims)                                  # out = gammax + bias
+    dweight = (dyc * xhat).sum(dims)                       # gammax = weight * xhat
+    dxhat = dyc if weight is None else dyc * as_channel(weight.to(xhat.dtype), xhat)
     divar = (dxhat * xmu).sum(dims)                        # xhat = xmu * ivar
-    dxmu1 = dxhat * as_channel(ivar, x)
+    dxmu1 = dxhat * as_channel(ivar, xhat)
     dstd = -ivar * ivar * divar                            # ivar = 1 / std
     dvar = 0.5 * ivar * dstd                               # std = sqrt(var + eps)
-    dsq = as_channel(dvar / m, x).expand_as(xmu)           # var = mean(sq)
+    dsq = as_channel(dvar / m, xhat).expand_as(xmu)        # var = mean(sq)
     dxmu2 = 2 * xmu * dsq                                  # sq = xmu ** 2
     dx1 = dxmu1 + dxmu2                                    # xmu = x - mu (branch to x)
     dmu = -dx1.sum(dims)                                   # xmu = x - mu (branch to mu)
-    dx2 = as_channel(dmu / m, x)                           # mu = mean(x)
+    dx2 = as_channel(dmu / m, xhat)                        # mu = mean(x)
     dx = dx1 + dx2
-    return dx.to(x.dtype), dweight, dbias
+    return dx.to(dy.dtype), dweight, dbias

@@ -1,0 +1,133 @@
+"""Benchmark: torch_bn vs nn.BatchNorm1d, training mode, forward and forward+backward.
+
+    python -m bench.bn                      # every shape, float32 and bfloat16, on CUDA if present
+    python -m bench.bn --device cpu --dtype float32 --json bench.json
+
+One process, the same inputs for every implementation; warm-up, then the median of many
+repeats (CUDA: triton.testing.do_bench, which uses CUDA events). Copy bandwidth is measured in
+the same run; "% bound" is the two-pass bound (8 accesses per element for forward+backward:
+forward reads x twice and writes y, backward reads dy and x twice each and writes dx) over the
+measured time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import torch_bn
+
+SHAPES = [(50, 100), (256, 1024), (4096, 1024), (8192, 512), (4096, 4096), (256, 65536), (65536, 1024),
+          (1048576, 64)]
+CUDA_ONLY = [(16384, 16384)]
+ACCESSES_FWD_BWD = 8
+ACCESSES_FWD = 3
+
+
+def timer(device: str, budget_s: float):
+    """A function that returns the median seconds of fn() on this device."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=int(budget_s * 1000), return_mode="median") / 1e3
+
+    def median_cpu(fn) -> float:
+        fn()  # warm-up (allocator, caches)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    return median_cpu
+
+
+def copy_bandwidth(device: str, measure) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    n = (256 if device == "cuda" else 64) * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / measure(lambda: dst.copy_(src))
+
+
+def implementations(c: int, device: str) -> dict[str, nn.Module]:
+    return {
+        "native": nn.BatchNorm1d(c, device=device),
+        "torch_bn": torch_bn.BatchNorm1d(c, device=device),
+        "staged": torch_bn.BatchNorm1d(c, device=device, backward="staged"),
+    }
+
+
+def bench_shape(shape, dtype, device, measure, bandwidth) -> dict:
+    x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    row: dict = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "mib": x.numel() * x.element_size() / 2**20}
+    for name, m in implementations(shape[1], device).items():
+        def forward():
+            with torch.no_grad():
+                m(x)
+
+        def forward_backward():
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            m(x).backward(dy)
+
+        row[f"{name}_fwd_s"] = measure(forward)
+        row[f"{name}_fwdbwd_s"] = measure(forward_backward)
+    nbytes = x.numel() * x.element_size()
+    row["bound_fwdbwd_s"] = ACCESSES_FWD_BWD * nbytes / bandwidth
+    row["bound_fwd_s"] = ACCESSES_FWD * nbytes / bandwidth
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'shape':>15} {'dtype':>8} {'MiB':>6} | {'fwd native':>10} {'torch_bn':>9} {'ratio':>6} | "
+            f"{'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'%bound':>6} {'nat %bnd':>8} | {'staged':>9} {'staged/cf':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ms = lambda k: f"{1e3 * r[k]:>8.3f}ms"  # noqa: E731
+        print(f"{'x'.join(map(str, r['shape'])):>15} {r['dtype']:>8} {r['mib']:>6.1f} | "
+              f"{ms('native_fwd_s'):>10} {ms('torch_bn_fwd_s'):>9} {r['torch_bn_fwd_s'] / r['native_fwd_s']:>6.2f} | "
+              f"{ms('native_fwdbwd_s'):>10} {ms('torch_bn_fwdbwd_s'):>9} "
+              f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:>6.2f} "
+              f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:>5.0f}% "
+              f"{100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:>7.0f}% | "
+              f"{ms('staged_fwdbwd_s'):>9} {r['staged_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:>9.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), action="append",
+                   help="repeatable; default both")
+    p.add_argument("--shapes", help="e.g. 4096x1024,256x65536 (default: the issue's list)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    p.add_argument("--json", help="write the numbers here")
+    args = p.parse_args()
+    shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+              else SHAPES + (CUDA_ONLY if args.device == "cuda" else []))
+    dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
+    measure = timer(args.device, args.budget)
+    bandwidth = copy_bandwidth(args.device, measure)
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    print(f"device: {machine}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"{time.strftime('%Y-%m-%d')}")
+    rows = [bench_shape(s, dt, args.device, measure, bandwidth) for dt in dtypes for s in shapes]
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": machine, "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
+                       "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The fused eager paths equal the reference ops, across slab boundaries, dtypes and strides."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from torch_bn import fused, ops
+
+
+def reference(x, w, b, dy, eps):
+    mean, var = ops.batch_stats(x)
+    rstd = torch.rsqrt(var + eps)
+    y = ops.normalize(x, mean, rstd, w, b)
+    xhat = (x.to(mean.dtype) - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
+    return (y, mean, var), ops.closed_form_backward(dy, xhat, rstd, w)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=2, max_size=4).filter(lambda s: s[0] * (s[2] if len(s) > 2 else 1) > 1),
+    slab=st.sampled_from([1, 7, 64, 1 << 18]),
+    affine=st.sampled_from(["both", "weight", "bias", "none"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    transpose=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_equals_reference(shape, slab, affine, dtype, transpose, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 5
+    if transpose and x.dim() > 2:  # a non-contiguous input with the same shape
+        x = torch.randn([shape[0], *shape[2:], shape[1]], generator=g, dtype=dtype).movedim(-1, 1) * 3 + 5
+    dy = torch.randn(x.shape, generator=g, dtype=dtype)
+    c = x.shape[1]
+    w = torch.randn(c, generator=g, dtype=dtype) if affine in ("both", "weight") else None
+    b = torch.randn(c, generator=g, dtype=dtype) if affine in ("both", "bias") else None
+    old = fused.SLAB_ELEMENTS
+    fused.SLAB_ELEMENTS = slab  # small slabs: many slabs and a short last one
+    try:
+        fwd = fused.forward_train(x, w, b, 1e-5)
+        rstd = torch.rsqrt(fwd[2] + 1e-5)
+        bwd = fused.closed_form_backward(dy, x, fwd[1], rstd, w)
+    finally:
+        fused.SLAB_ELEMENTS = old
+    ref_fwd, ref_bwd = reference(x, w, b, dy, 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for got, want in zip(fwd + bwd, ref_fwd + ref_bwd):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_half_precision_accumulates_in_float32(dtype):
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(300, 5, 4, generator=g, dtype=torch.float64) * 2 + 10
+    x = x64.to(dtype)
+    dy = torch.randn(300, 5, 4, generator=g, dtype=torch.float64).to(dtype)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    y, mean, var = fused.forward_train(x, w, b, 1e-5)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and var.dtype == torch.float32
+    dx, dw, db = fused.closed_form_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+    ref_fwd, ref_bwd = reference(x.double(), w.double(), b.double(), dy.double(), 1e-5)
+    torch.testing.assert_close(y.double(), ref_fwd[0], rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(var.double(), ref_fwd[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), ref_bwd[0], rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(dw.double(), ref_bwd[1], rtol=1e-4, atol=1e-3)
