@@ -14,9 +14,10 @@ from . import fused, ops
 
 
 def _use_fused() -> bool:
-    # The fused paths write into buffers they allocate (out=, in place); under torch.func
-    # transforms those would be wrapped tensors, so transforms get the plain reference ops.
-    return not torch._C._are_functorch_transforms_active()
+    # The fused paths write into buffers they allocate (out=, in place) in a Python loop over
+    # slabs: under torch.func transforms those would be wrapped tensors, and torch.compile
+    # would unroll the loop, while its own fusion does the same job. Both get the reference.
+    return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
 
 
 class BatchNormFunction(torch.autograd.Function):
