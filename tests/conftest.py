@@ -1,9 +1,15 @@
-"""Shared fixtures: a tiny CIFAR-10 folder in torchvision's pickle layout."""
+"""Shared fixtures: a tiny CIFAR-10 folder in torchvision's pickle layout; Triton on CPU."""
 import os
 import pickle
 
 import numpy as np
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the
+# kernels are defined (first import of torch_bn.triton_kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -1,9 +1,10 @@
 """``BatchNormFunction``: training-mode batch norm as a custom autograd Function.
 
-Forward and backward are the hand-written math of :mod:`torch_bn.ops` (the reference), run
-through :mod:`torch_bn.fused` (the same math in fewer memory passes) where autograd is not
-recording. The Function uses the ``forward`` + ``setup_context`` style so that it composes
-with torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
+Forward and backward are the hand-written math of :mod:`torch_bn.ops` (the reference). Where
+autograd is not recording, the same math runs faster: CUDA tensors go to the Triton kernels of
+:mod:`torch_bn.triton_kernels`, others to the slab-fused tensor ops of :mod:`torch_bn.fused`.
+The Function uses the ``forward`` + ``setup_context`` style so that it composes with
+torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,28 @@ import torch
 from torch import Tensor
 
 from . import fused, ops
+
+TRITON_ON_CPU = False  # tests set this (with TRITON_INTERPRET=1) to run the kernels on CPU tensors
+
+
+_kernels = None  # torch_bn.triton_kernels once imported, False where Triton is missing
+
+
+def _triton_kernels():
+    """The Triton kernels module, imported on first use (importing Triton is slow); None without Triton."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from . import triton_kernels as _kernels
+        except ImportError:
+            _kernels = False
+    return _kernels or None
+
+
+def _use_triton(x: Tensor) -> bool:
+    if not (x.is_cuda or TRITON_ON_CPU) or torch._C._are_functorch_transforms_active():
+        return False
+    return _triton_kernels() is not None
 
 
 def _use_fused() -> bool:
@@ -35,6 +58,8 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 backward: str = "closed_form") -> tuple[Tensor, Tensor, Tensor]:
+        if _use_triton(x):
+            return tuple(torch.ops.torch_bn.triton_forward(x, weight, bias, eps))
         if _use_fused():
             return fused.forward_train(x, weight, bias, eps)
         mean, var = ops.batch_stats(x)
@@ -61,7 +86,10 @@ class BatchNormFunction(torch.autograd.Function):
             # instead of using the forward's constants.
             mean, var = ops.batch_stats(x)
         rstd = torch.rsqrt(var + ctx.eps)
-        if ctx.backward == "closed_form" and not double_backward and _use_fused():
+        fast = ctx.backward == "closed_form" and not double_backward
+        if fast and _use_triton(x):
+            dx, dweight, dbias = torch.ops.torch_bn.triton_backward(dy, x, mean, rstd, weight)
+        elif fast and _use_fused():
             dx, dweight, dbias = fused.closed_form_backward(dy, x, mean, rstd, weight)
         else:
             xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)

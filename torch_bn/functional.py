@@ -74,12 +74,11 @@ def batch_norm(
                              torch.rsqrt(running_var.to(ops.compute_dtype(input)) + eps), weight, bias)
 
     y, mean, var = BatchNormFunction.apply(input, weight, bias, eps, backward)
-    if running_mean is not None or running_var is not None:
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            if running_var is not None:
-                m = input.numel() // input.shape[1]
-                unbiased = var * (m / (m - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    with torch.no_grad():
+        # running = (1 - momentum) * running + momentum * batch, as lerp: one op per buffer.
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        if running_var is not None:
+            m = input.numel() // input.shape[1]
+            running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
     return y

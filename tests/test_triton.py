@@ -1,0 +1,126 @@
+"""The Triton kernels match the reference ops: on CUDA when present, else in Triton's interpreter."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import torch_bn
+from torch_bn import function, ops
+
+triton_kernels = pytest.importorskip("torch_bn.triton_kernels", reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_everywhere(monkeypatch):
+    """Route BatchNormFunction through the Triton kernels for CPU tensors too (interpreter)."""
+    monkeypatch.setattr(function, "TRITON_ON_CPU", True)
+
+
+def reference(x, w, b, dy, eps=1e-5):
+    x64, dy64 = x.double(), dy.double()
+    w64 = None if w is None else w.double()
+    b64 = None if b is None else b.double()
+    mean, var = ops.batch_stats(x64)
+    rstd = torch.rsqrt(var + eps)
+    y = ops.normalize(x64, mean, rstd, w64, b64)
+    xhat = (x64 - ops.as_channel(mean, x64)) * ops.as_channel(rstd, x64)
+    dx, dw, db = ops.closed_form_backward(dy64, xhat, rstd, w64)
+    return y, mean, var, rstd, dx, dw, db
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 70),
+    c=st.integers(1, 80),
+    trailing=st.sampled_from([(), (1,), (3,), (2, 5)]),
+    affine=st.sampled_from(["both", "weight", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_match_float64_reference(n, c, trailing, affine, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, c, *trailing)
+    x = (torch.randn(shape, generator=g) * 3 + 4).to(DEVICE)
+    dy = torch.randn(shape, generator=g).to(DEVICE)
+    w = (torch.randn(c, generator=g) if affine != "none" else None)
+    b = (torch.randn(c, generator=g) if affine == "both" else None)
+    w = None if w is None else w.to(DEVICE)
+    b = None if b is None else b.to(DEVICE)
+    y, mean, var = triton_kernels.triton_forward(x, w, b, 1e-5)
+    dx, dw, db = triton_kernels.triton_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
+    ry, rmean, rvar, _, rdx, rdw, rdb = reference(x, w, b, dy)
+    # float32 loses about eps * |x| / std in x - mean: scale the tolerance by that condition
+    # number (large when, say, two samples of a channel nearly coincide).
+    cond = 1 + (x.abs().amax() / rvar.sqrt().clamp_min(1e-3).min()).item()
+    tol = max(1e-5, 1e-6 * cond * (n * int(torch.tensor(trailing).prod())) ** 0.5)
+    for got, want in [(y, ry), (mean, rmean), (var, rvar), (dx, rdx), (dw, rdw), (db, rdb)]:
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_half_precision(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(33, 6, 4, generator=g) * 2 + 8).to(DEVICE, dtype)
+    dy = torch.randn(33, 6, 4, generator=g).to(DEVICE, dtype)
+    w, b = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    y, mean, var = triton_kernels.triton_forward(x, w, b, 1e-5)
+    dx, dw, db = triton_kernels.triton_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
+    assert y.dtype == dtype and dx.dtype == dtype and mean.dtype == torch.float32
+    ry, rmean, rvar, _, rdx, rdw, rdb = reference(x, w, b, dy)
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), ry, rtol=1e-2, atol=3e-2)
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-2, atol=3e-2)
+    torch.testing.assert_close(dw.double(), rdw, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind, shape", [(1, (2, 1)), (1, (19, 7)), (1, (6, 5, 3)), (2, (3, 4, 5, 3))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_modules_through_triton_match_nn(triton_everywhere, kind, shape, momentum):
+    ours_cls, theirs_cls = {1: (torch_bn.BatchNorm1d, nn.BatchNorm1d), 2: (torch_bn.BatchNorm2d, nn.BatchNorm2d)}[kind]
+    ours = ours_cls(shape[1], momentum=momentum, device=DEVICE)
+    theirs = theirs_cls(shape[1], momentum=momentum, device=DEVICE)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 2, shape[1]))
+            m.bias.copy_(torch.linspace(-1, 1, shape[1]))
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        if step == 2:
+            ours.eval(), theirs.eval()
+        x = (torch.randn(shape, generator=g) * 2 + 1).to(DEVICE)
+        dy = torch.randn(shape, generator=g).to(DEVICE)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
+        ga = torch.autograd.grad(ya, (xa, ours.weight, ours.bias), dy)
+        gb = torch.autograd.grad(yb, (xb, theirs.weight, theirs.bias), dy)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        for a, b in zip(ours.buffers(), theirs.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_path_is_taken(triton_everywhere, monkeypatch):
+    calls = []
+    original = triton_kernels.triton_forward
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.torch_bn, "triton_forward", spy)
+    torch_bn.BatchNorm1d(3, device=DEVICE)(torch.randn(4, 3, device=DEVICE))
+    assert calls == [torch.Size([4, 3])]
+
+
+def test_compile_fullgraph_with_triton_custom_ops(triton_everywhere):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), torch_bn.BatchNorm1d(5), nn.ReLU()).to(DEVICE)
+    eager = nn.Sequential(nn.Linear(6, 5), torch_bn.BatchNorm1d(5), nn.ReLU()).to(DEVICE)
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(8, 6, device=DEVICE)
+    ya, yb = compiled(x), eager(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    ya.sum().backward(), yb.sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-5, atol=1e-5)

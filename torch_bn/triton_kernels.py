@@ -1,0 +1,228 @@
+"""Fused Triton kernels for training-mode batch norm on CUDA (and on CPU under TRITON_INTERPRET=1).
+
+The input is viewed as (N, C, L) (L = 1 for 2D input) and each channel reduces over the
+R = N * L "rows" r = (n, l). Work is split over a 2D grid: blocks of BLOCK_C channels times
+chunks of rows, so both tall-skinny (many rows, few channels) and wide shapes fill the GPU.
+
+Forward, three launches:
+1. ``_stats_partial``: each program computes, for its chunk of rows, the mean and the sum of
+   squared deviations (M2) of its channels, in two sweeps over the chunk (the second mostly
+   from cache): stable, as Welford, and no E[x^2] - E[x]^2.
+2. ``_stats_combine``: merges the chunks' (count, mean, M2) per channel (Chan et al.: mean of
+   means, then M2 = sum(M2_p + n_p (mean_p - mean)^2)), writes mean, var, rstd.
+3. ``_normalize``: y = (x - mean) * (rstd * weight) + bias.
+Backward, three launches: ``_backward_partial`` (per chunk: sum(dy), sum(dy * xhat)),
+``_backward_combine`` (sums the chunks: dbias, dweight), ``_backward_dx`` (the closed form
+dx = weight * rstd * (dy - dbias / M - xhat * dweight / M)).
+All arithmetic is float32 whatever the input dtype. The kernels are registered as
+torch.library custom ops (``torch.ops.torch_bn.triton_forward`` / ``triton_backward``) so that
+``torch.compile`` treats them as opaque calls.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _offsets(rows, cols, C, L):
+    # Element (r, c) of the (N, C, L) view with r = n * L + l.
+    return (rows // L)[:, None] * (C * L) + cols[None, :] * L + (rows % L)[:, None]
+
+
+@triton.jit
+def _stats_partial(X, PMEAN, PM2, R, C, L, ROWS_PER_PROG,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    r0 = pid_r * ROWS_PER_PROG
+    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(r0, r_end, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        acc += tl.load(X + _offsets(rows, cols, C, L), mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / (r_end - r0)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(r0, r_end, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        x = tl.load(X + _offsets(rows, cols, C, L), mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - mean[None, :], 0.0)
+        acc += d * d
+    tl.store(PMEAN + pid_r * C + cols, mean, mask=cmask)
+    tl.store(PM2 + pid_r * C + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _stats_combine(PMEAN, PM2, MEAN, VAR, RSTD, P, R, C, ROWS_PER_PROG, eps, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p in range(0, P):
+        n_p = tl.minimum(ROWS_PER_PROG, R - p * ROWS_PER_PROG).to(tl.float32)
+        total += n_p * tl.load(PMEAN + p * C + cols, mask=cmask, other=0.0)
+    mean = total / R
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p in range(0, P):
+        n_p = tl.minimum(ROWS_PER_PROG, R - p * ROWS_PER_PROG).to(tl.float32)
+        d = tl.load(PMEAN + p * C + cols, mask=cmask, other=0.0) - mean
+        m2 += tl.load(PM2 + p * C + cols, mask=cmask, other=0.0) + n_p * d * d
+    var = m2 / R
+    tl.store(MEAN + cols, mean, mask=cmask)
+    tl.store(VAR + cols, var, mask=cmask)
+    tl.store(RSTD + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+
+
+@triton.jit
+def _normalize(X, Y, MEAN, RSTD, W, B, R, C, L, ROWS_PER_PROG,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
+    scale = tl.load(RSTD + cols, mask=cmask, other=0.0)
+    if HAS_W:
+        scale *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    r0 = pid_r * ROWS_PER_PROG
+    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+    for start in range(r0, r_end, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        off = _offsets(rows, cols, C, L)
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_partial(DY, X, MEAN, RSTD, PDB, PDW, R, C, L, ROWS_PER_PROG,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0)
+    db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    r0 = pid_r * ROWS_PER_PROG
+    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+    for start in range(r0, r_end, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        off = _offsets(rows, cols, C, L)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        db += dy
+        dw += dy * tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+    tl.store(PDB + pid_r * C + cols, tl.sum(db, axis=0), mask=cmask)
+    tl.store(PDW + pid_r * C + cols, tl.sum(dw, axis=0), mask=cmask)
+
+
+@triton.jit
+def _backward_combine(PDB, PDW, DB, DW, P, C, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p in range(0, P):
+        db += tl.load(PDB + p * C + cols, mask=cmask, other=0.0)
+        dw += tl.load(PDW + p * C + cols, mask=cmask, other=0.0)
+    tl.store(DB + cols, db, mask=cmask)
+    tl.store(DW + cols, dw, mask=cmask)
+
+
+@triton.jit
+def _backward_dx(DY, X, DX, MEAN, RSTD, W, DB, DW, R, C, L, ROWS_PER_PROG,
+                 HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0)
+    g = rstd
+    if HAS_W:
+        g *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    db_m = tl.load(DB + cols, mask=cmask, other=0.0) / R
+    dw_m = tl.load(DW + cols, mask=cmask, other=0.0) / R
+    r0 = pid_r * ROWS_PER_PROG
+    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+    for start in range(r0, r_end, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        off = _offsets(rows, cols, C, L)
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+        xhat = (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+        dx = g[None, :] * (dy - db_m[None, :] - xhat * dw_m[None, :])
+        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _launch_config(x: Tensor) -> tuple[int, int, int, int, int, int]:
+    """R, C, L, block sizes and rows per program: about 4 programs per SM (or a few on CPU)."""
+    n, c = x.shape[0], x.shape[1]
+    l_ = x[0, 0].numel() if x.dim() > 2 else 1
+    r = n * l_
+    block_c = min(triton.next_power_of_2(c), 64 if l_ == 1 else 16)
+    block_r = max(16, min(4096 // block_c, triton.next_power_of_2(r)))
+    c_blocks = triton.cdiv(c, block_c)
+    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    chunks = max(1, min(triton.cdiv(r, block_r), triton.cdiv(target, c_blocks)))
+    rows_per_prog = triton.cdiv(triton.cdiv(r, chunks), block_r) * block_r
+    return r, c, l_, block_r, block_c, rows_per_prog
+
+
+@torch.library.custom_op("torch_bn::triton_forward", mutates_args=())
+def triton_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode forward: y (like x), batch mean and biased var (C,, float32)."""
+    x = x.contiguous()
+    r, c, l_, block_r, block_c, rows = _launch_config(x)
+    p = triton.cdiv(r, rows)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    pmean, pm2 = torch.empty(p, c, **f32), torch.empty(p, c, **f32)
+    mean, var, rstd = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
+    grid = (p, triton.cdiv(c, block_c))
+    _stats_partial[grid](x, pmean, pm2, r, c, l_, rows, BLOCK_R=block_r, BLOCK_C=block_c)
+    _stats_combine[(grid[1],)](pmean, pm2, mean, var, rstd, p, r, c, rows, eps, BLOCK_C=block_c)
+    y = torch.empty_like(x)
+    _normalize[grid](x, y, mean, rstd, weight, bias, r, c, l_, rows, HAS_W=weight is not None,
+                     HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+    return y, mean, var
+
+
+@triton_forward.register_fake
+def _(x, weight, bias, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32))
+
+
+@torch.library.custom_op("torch_bn::triton_backward", mutates_args=())
+def triton_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form training backward: dx (like dy), dweight, dbias (C,, float32)."""
+    dy, x = dy.contiguous(), x.contiguous()
+    r, c, l_, block_r, block_c, rows = _launch_config(x)
+    p = triton.cdiv(r, rows)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    pdb, pdw = torch.empty(p, c, **f32), torch.empty(p, c, **f32)
+    db, dw = torch.empty(c, **f32), torch.empty(c, **f32)
+    grid = (p, triton.cdiv(c, block_c))
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    _backward_partial[grid](dy, x, mean, rstd, pdb, pdw, r, c, l_, rows, BLOCK_R=block_r, BLOCK_C=block_c)
+    _backward_combine[(grid[1],)](pdb, pdw, db, dw, p, c, BLOCK_C=block_c)
+    dx = torch.empty_like(dy)
+    _backward_dx[grid](dy, x, dx, mean, rstd, weight, db, dw, r, c, l_, rows, HAS_W=weight is not None,
+                       BLOCK_R=block_r, BLOCK_C=block_c)
+    return dx, dw, db
+
+
+@triton_backward.register_fake
+def _(dy, x, mean, rstd, weight):
+    c = x.shape[1]
+    return torch.empty_like(dy), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
