@@ -22,7 +22,7 @@ def deep_figure(histories: dict[str, dict]) -> Figure:
                                  ("Iteration", "Epoch", "Epoch")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        ax.legend(loc="upper center", ncol=4)
+        ax.legend(loc="best")
     fig.tight_layout()
     return fig
 

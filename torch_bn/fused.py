@@ -74,9 +74,11 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     y = torch.empty_like(x)
     same = x.dtype == s.dtype
     for rows in s.slices:
-        slab = s.centred(x[rows], mean_c, out=y[rows] if same else None).mul_(scale_c)
-        if bias_c is not None:
-            slab.add_(bias_c)
+        slab = s.centred(x[rows], mean_c, out=y[rows] if same else None)
+        if bias_c is None:
+            slab.mul_(scale_c)
+        else:
+            torch.addcmul(bias_c, slab, scale_c, out=slab)
         if not same:
             y[rows].copy_(slab)
     return y, mean, var
@@ -108,7 +110,7 @@ def closed_form_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     same = dy.dtype == s.dtype
     for rows in s.slices:
         slab = s.centred(x[rows], mean_c, out=dx[rows] if same else None)
-        slab.mul_(b_c).add_(c_c).addcmul_(s.compute(dy[rows], "dy"), a_c)
+        torch.addcmul(c_c, slab, b_c, out=slab).addcmul_(s.compute(dy[rows], "dy"), a_c)
         if not same:
             dx[rows].copy_(slab)
     return dx, dweight, dbias
