@@ -103,6 +103,22 @@ def print_table(rows: list[dict]) -> None:
               f"{ms('staged_fwdbwd_s'):>9} {r['staged_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:>9.2f}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: times in ms, ratios torch_bn / native (lower is better)."""
+    lines = ["| shape | dtype | MiB | fwd native | fwd torch_bn | ratio | f+b native | f+b torch_bn | ratio | "
+             "% of bound (ours / native) | staged / closed-form |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(
+            f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['mib']:.1f} | {1e3 * r['native_fwd_s']:.3f} | "
+            f"{1e3 * r['torch_bn_fwd_s']:.3f} | {r['torch_bn_fwd_s'] / r['native_fwd_s']:.2f} | "
+            f"{1e3 * r['native_fwdbwd_s']:.3f} | {1e3 * r['torch_bn_fwdbwd_s']:.3f} | "
+            f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:.2f} | "
+            f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:.0f}% / {100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:.0f}% | "
+            f"{r['staged_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,6 +127,7 @@ def main() -> None:
     p.add_argument("--shapes", help="e.g. 4096x1024,256x65536 (default: the issue's list)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     p.add_argument("--json", help="write the numbers here")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = p.parse_args()
     shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else SHAPES + (CUDA_ONLY if args.device == "cuda" else []))
@@ -123,6 +140,8 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d')}")
     rows = [bench_shape(s, dt, args.device, measure, bandwidth) for dt in dtypes for s in shapes]
     print_table(rows)
+    if args.markdown:
+        print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": machine, "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
