@@ -198,3 +198,12 @@ def test_eval_mode_matches_pytorch_with_gradients():
 def test_unknown_backward_is_rejected():
     with pytest.raises(ValueError, match="backward must be one of"):
         batch_norm(torch.randn(4, 3), None, None, training=True, backward="fast")
+
+
+def test_gradient_dtypes_follow_their_parameters():
+    x = torch.randn(6, 3, dtype=torch.float16, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # bias without weight
+    y = batch_norm(x, None, None, None, b, True)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float16 and b.grad.dtype == torch.float64
+    torch.testing.assert_close(b.grad, torch.full((3,), 6.0, dtype=torch.float64))

@@ -67,13 +67,14 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, _bias, eps, backward = inputs
+        x, weight, bias, eps, backward = inputs
         _y, mean, var = output
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         ctx.backward = backward
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, _dmean, _dvar):
@@ -99,7 +100,7 @@ class BatchNormFunction(torch.autograd.Function):
         return (
             dx if need_x else None,
             dweight.to(weight.dtype) if need_w else None,
-            dbias.to(dbias.dtype if weight is None else weight.dtype) if need_b else None,
+            dbias.to(ctx.bias_dtype) if need_b else None,
             None,
             None,
         )
