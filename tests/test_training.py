@@ -56,6 +56,16 @@ def test_no_verify_still_needs_the_files(tmp_path):
         load_cifar10(str(tmp_path), verify=False)
 
 
+def test_no_verify_still_needs_files_that_unpickle(tiny_cifar, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_cifar, broken)
+    (broken / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="does not unpickle"):
+        load_cifar10(str(broken), num_val=20, num_test=20, verify=False)
+
+
 def test_missing_data_exits_2_with_clear_error(tmp_path, monkeypatch, capsys):
     def offline(self):
         raise OSError("network is unreachable")

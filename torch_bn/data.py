@@ -6,6 +6,7 @@ the training split; 49,000 train / 1,000 val (the next 1,000 training images) / 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,6 @@ class _CIFAR10ExistenceOnly(torchvision.datasets.CIFAR10):
         return _files_exist(self.root)
 
     def _load_meta(self) -> None:
-        import pickle
-
         with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
             self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -65,7 +64,11 @@ def _open(root: str, train: bool, verify: bool) -> torchvision.datasets.CIFAR10:
         if not _files_exist(root):
             raise DataError(f"CIFAR-10 is incomplete in {folder}: --no-verify skips only the md5 comparison, "
                             f"the files data_batch_1..5, test_batch and batches.meta must still exist")
-        return _CIFAR10ExistenceOnly(root, train=train)
+        try:
+            return _CIFAR10ExistenceOnly(root, train=train)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+            raise DataError(f"CIFAR-10 in {folder} exists but a file does not unpickle as torchvision's layout "
+                            f"({type(e).__name__}: {e}); replace the folder with an intact copy") from None
     if os.path.isdir(folder):
         try:
             return torchvision.datasets.CIFAR10(root, train=train, download=False)
