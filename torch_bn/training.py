@@ -162,6 +162,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.batch_order.set_state(ckpt["batch_order"])
         torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
+        if self.device == "cuda" and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
         self.history = History(**ckpt["history"])
         self.epoch, self.best_val_acc, self.wall_time = ckpt["epoch"], ckpt["best_val_acc"], ckpt["wall_time"]
         self.best_state = ckpt["best_state"]
@@ -174,6 +176,8 @@ class Trainer:
             "history": asdict(self.history), "best_val_acc": self.best_val_acc,
             "best_state": self.best_state, "wall_time": self.wall_time,
         }
+        if self.device == "cuda":
+            ckpt["cuda_rng"] = torch.cuda.get_rng_state()
         path = os.path.join(self.run_dir, CHECKPOINT)
         torch.save(ckpt, path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint or the new one
