@@ -75,7 +75,7 @@ def test_missing_data_exits_2_with_clear_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "--data-dir" in err and "cifar-10-batches-py" in err and "Traceback" not in err
-    assert not os.path.exists(tmp_path / "runs")  # nothing left behind
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "nowhere")  # nothing left
 
 
 # ---- model ------------------------------------------------------------------------------------

@@ -76,9 +76,12 @@ def _open(root: str, train: bool, verify: bool) -> torchvision.datasets.CIFAR10:
             raise DataError(f"CIFAR-10 in {folder} failed torchvision's md5 integrity check ({e}). If the files "
                             f"are a re-encoded copy (as in ../shared/data), pass --no-verify to skip only the "
                             f"md5 comparison; otherwise move the folder aside so a fresh copy is downloaded") from None
+    root_existed = os.path.isdir(root)
     try:
         return torchvision.datasets.CIFAR10(root, train=train, download=True)
     except Exception as e:  # no network, DNS failure, refused connection: all end the same way
+        if not root_existed and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)  # torchvision made it for the download; leave nothing behind
         raise DataError(f"CIFAR-10 not found: expected the folder {FOLDER}/ under --data-dir {root!r} "
                         f"({os.path.abspath(folder)}), and downloading it failed ({type(e).__name__}: {e}). "
                         f"Point --data-dir at the folder that holds {FOLDER}/ "
