@@ -5,6 +5,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# CI (CI=true) replays the same examples every run; locally hypothesis keeps exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the
 # kernels are defined (first import of torch_bn.triton_kernels).

@@ -41,7 +41,9 @@ def test_fused_equals_reference(shape, slab, affine, dtype, transpose, seed):
     finally:
         fused.SLAB_ELEMENTS = old
     ref_fwd, ref_bwd = reference(x, w, b, dy, 1e-5)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    # Summation order differs (slabs), and a mean's rounding error grows by |x| / std in xhat.
+    cond = 1 + (x.abs().amax() / ref_fwd[2].sqrt().clamp_min(1e-3).min()).item()
+    tol = (1e-13 if dtype == torch.float64 else 4e-6) * cond
     for got, want in zip(fwd + bwd, ref_fwd + ref_bwd):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
