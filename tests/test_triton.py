@@ -57,6 +57,27 @@ def test_kernels_match_float64_reference(n, c, trailing, affine, seed):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shape", [(900, 40), (50, 20, 9)])
+def test_many_partials_merged_in_tiles(monkeypatch, shape):
+    """Many row chunks, merged four at a time with a ragged last tile and a short last chunk."""
+    monkeypatch.setattr(triton_kernels, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(triton_kernels, "CPU_PROGRAMS", 23)
+    monkeypatch.setattr(triton_kernels, "PROGRAMS_PER_SM", 1)
+    r, c, _, block_r, block_c, rows = triton_kernels._launch_config(torch.empty(shape, device=DEVICE))
+    monkeypatch.setattr(triton_kernels, "COMBINE_TILE", 4 * block_c)
+    p = -(-r // rows)
+    assert p > 4 and p % 4 and triton_kernels._block_p(p, block_c) == 4 and r % rows
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(shape, generator=g) * 2 + 100).to(DEVICE)
+    dy = torch.randn(shape, generator=g).to(DEVICE)
+    w = torch.rand(shape[1], generator=g).to(DEVICE) + 0.5
+    y, mean, var = triton_kernels.triton_forward(x, w, None, 1e-5)
+    dx, dw, db = triton_kernels.triton_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
+    ry, rmean, rvar, _, rdx, rdw, rdb = reference(x, w, None, dy)
+    for got, want in [(y, ry), (mean, rmean), (var, rvar), (dx, rdx), (dw, rdw), (db, rdb)]:
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_half_precision(dtype):
     g = torch.Generator().manual_seed(1)
@@ -124,3 +145,26 @@ def test_compile_fullgraph_with_triton_custom_ops(triton_everywhere):
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
     ya.sum().backward(), yb.sum().backward()
     torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_compile_for_hopper_without_spills_and_with_vector_loads(tmp_path):
+    """Compile every kernel for sm_90 with Triton's own ptxas (no GPU needed): catches what the
+    interpreter cannot (compile errors, spills) and checks that x-sized data moves in 128-bit accesses."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compile.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_check", "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"_stats_partial", "_stats_combine", "_normalize", "_backward_partial",
+                                           "_backward_combine", "_backward_dx"}
+    assert all(r["local"] == 0 for r in rows), [r for r in rows if r["local"]]
+    data_kernels = [r for r in rows if r["kernel"] in ("_stats_partial", "_normalize", "_backward_partial",
+                                                        "_backward_dx")]
+    assert all(r["vector_loads"] == 1.0 for r in data_kernels), [r for r in data_kernels if r["vector_loads"] < 1]

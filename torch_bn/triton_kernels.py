@@ -5,11 +5,13 @@ R = N * L "rows" r = (n, l). Work is split over a 2D grid: blocks of BLOCK_C cha
 chunks of rows, so both tall-skinny (many rows, few channels) and wide shapes fill the GPU.
 
 Forward, three launches:
-1. ``_stats_partial``: each program computes, for its chunk of rows, the mean and the sum of
-   squared deviations (M2) of its channels, in two sweeps over the chunk (the second mostly
-   from cache): stable, as Welford, and no E[x^2] - E[x]^2.
+1. ``_stats_partial``: each program reads its chunk of rows once, keeping a Welford state
+   (count, mean, M2) per row lane and channel, and merges its lanes: stable, and no
+   E[x^2] - E[x]^2.
 2. ``_stats_combine``: merges the chunks' (count, mean, M2) per channel (Chan et al.: mean of
-   means, then M2 = sum(M2_p + n_p (mean_p - mean)^2)), writes mean, var, rstd.
+   means, then M2 = sum(M2_p + n_p (mean_p - mean)^2)), a tile of chunks at a time, and
+   writes mean, var, rstd.
+So the forward reads x twice and writes y once: the two-pass bound.
 3. ``_normalize``: y = (x - mean) * (rstd * weight) + bias.
 Backward, three launches: ``_backward_partial`` (per chunk: sum(dy), sum(dy * xhat)),
 ``_backward_combine`` (sums the chunks: dbias, dweight), ``_backward_dx`` (the closed form
@@ -35,43 +37,55 @@ def _offsets(rows, cols, C, L):
 @triton.jit
 def _stats_partial(X, PMEAN, PM2, R, C, L, ROWS_PER_PROG,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One sweep over this program's rows: each of the BLOCK_R row lanes keeps its own Welford
+    # state (count, mean, M2) per channel, updated elementwise; the lanes are merged at the end.
     pid_r, pid_c = tl.program_id(0), tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     r0 = pid_r * ROWS_PER_PROG
     r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    count = tl.zeros([BLOCK_R, 1], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
-        mask = (rows < r_end)[:, None] & cmask[None, :]
-        acc += tl.load(X + _offsets(rows, cols, C, L), mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / (r_end - r0)
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for start in range(r0, r_end, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        mask = (rows < r_end)[:, None] & cmask[None, :]
+        rmask = (rows < r_end)[:, None]
+        mask = rmask & cmask[None, :]
         x = tl.load(X + _offsets(rows, cols, C, L), mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - mean[None, :], 0.0)
-        acc += d * d
-    tl.store(PMEAN + pid_r * C + cols, mean, mask=cmask)
-    tl.store(PM2 + pid_r * C + cols, tl.sum(acc, axis=0), mask=cmask)
+        count += rmask.to(tl.float32)
+        delta = x - mean
+        mean = tl.where(rmask, mean + delta * (1.0 / tl.maximum(count, 1.0)), mean)
+        m2 = tl.where(rmask, m2 + delta * (x - mean), m2)
+    n = tl.sum(count, axis=0)  # rows of this program: (1,)
+    chunk_mean = tl.sum(count * mean, axis=0) / n
+    d = mean - chunk_mean[None, :]
+    chunk_m2 = tl.sum(m2 + count * d * d, axis=0)
+    tl.store(PMEAN + pid_r * C + cols, chunk_mean, mask=cmask)
+    tl.store(PM2 + pid_r * C + cols, chunk_m2, mask=cmask)
 
 
 @triton.jit
-def _stats_combine(PMEAN, PM2, MEAN, VAR, RSTD, P, R, C, ROWS_PER_PROG, eps, BLOCK_C: tl.constexpr):
+def _stats_combine(PMEAN, PM2, MEAN, VAR, RSTD, P, R, C, ROWS_PER_PROG, eps,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Chan et al.'s merge of the programs' (count, mean, M2), BLOCK_P partials at a time.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p in range(0, P):
-        n_p = tl.minimum(ROWS_PER_PROG, R - p * ROWS_PER_PROG).to(tl.float32)
-        total += n_p * tl.load(PMEAN + p * C + cols, mask=cmask, other=0.0)
-    mean = total / R
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p in range(0, P):
-        n_p = tl.minimum(ROWS_PER_PROG, R - p * ROWS_PER_PROG).to(tl.float32)
-        d = tl.load(PMEAN + p * C + cols, mask=cmask, other=0.0) - mean
-        m2 += tl.load(PM2 + p * C + cols, mask=cmask, other=0.0) + n_p * d * d
-    var = m2 / R
+    total = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        n_p = tl.maximum(tl.minimum(ROWS_PER_PROG, R - ps * ROWS_PER_PROG), 0).to(tl.float32)[:, None]
+        mask = (ps < P)[:, None] & cmask[None, :]
+        total += n_p * tl.load(PMEAN + ps[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    mean = tl.sum(total, axis=0) / R
+    m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        n_p = tl.maximum(tl.minimum(ROWS_PER_PROG, R - ps * ROWS_PER_PROG), 0).to(tl.float32)[:, None]
+        mask = (ps < P)[:, None] & cmask[None, :]
+        off = ps[:, None] * C + cols[None, :]
+        d = tl.where(mask, tl.load(PMEAN + off, mask=mask, other=0.0) - mean[None, :], 0.0)
+        m2 += tl.load(PM2 + off, mask=mask, other=0.0) + n_p * d * d
+    var = tl.sum(m2, axis=0) / R
     tl.store(MEAN + cols, mean, mask=cmask)
     tl.store(VAR + cols, var, mask=cmask)
     tl.store(RSTD + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
@@ -126,16 +140,19 @@ def _backward_partial(DY, X, MEAN, RSTD, PDB, PDW, R, C, L, ROWS_PER_PROG,
 
 
 @triton.jit
-def _backward_combine(PDB, PDW, DB, DW, P, C, BLOCK_C: tl.constexpr):
+def _backward_combine(PDB, PDW, DB, DW, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p in range(0, P):
-        db += tl.load(PDB + p * C + cols, mask=cmask, other=0.0)
-        dw += tl.load(PDW + p * C + cols, mask=cmask, other=0.0)
-    tl.store(DB + cols, db, mask=cmask)
-    tl.store(DW + cols, dw, mask=cmask)
+    db = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < P)[:, None] & cmask[None, :]
+        off = ps[:, None] * C + cols[None, :]
+        db += tl.load(PDB + off, mask=mask, other=0.0)
+        dw += tl.load(PDW + off, mask=mask, other=0.0)
+    tl.store(DB + cols, tl.sum(db, axis=0), mask=cmask)
+    tl.store(DW + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -163,18 +180,31 @@ def _backward_dx(DY, X, DX, MEAN, RSTD, W, DB, DW, R, C, L, ROWS_PER_PROG,
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+PROGRAMS_PER_SM = 4  # chunks of rows x channel blocks: about this many programs per SM
+CPU_PROGRAMS = 4  # the interpreter's "SMs" (tests raise it to exercise many partials)
+COMBINE_TILE = 4096  # partial values merged per step of a combine kernel
+TILE_ELEMENTS = 4096  # elements of x one program holds per loop step (BLOCK_R x BLOCK_C)
+
+
 def _launch_config(x: Tensor) -> tuple[int, int, int, int, int, int]:
-    """R, C, L, block sizes and rows per program: about 4 programs per SM (or a few on CPU)."""
+    """R, C, L, block sizes and rows per program for the (row chunk, channel block) grid."""
     n, c = x.shape[0], x.shape[1]
     l_ = x[0, 0].numel() if x.dim() > 2 else 1
     r = n * l_
     block_c = min(triton.next_power_of_2(c), 64 if l_ == 1 else 16)
-    block_r = max(16, min(4096 // block_c, triton.next_power_of_2(r)))
+    block_r = max(16, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(r)))
     c_blocks = triton.cdiv(c, block_c)
-    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    target = (PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+              if x.is_cuda else CPU_PROGRAMS)
     chunks = max(1, min(triton.cdiv(r, block_r), triton.cdiv(target, c_blocks)))
     rows_per_prog = triton.cdiv(triton.cdiv(r, chunks), block_r) * block_r
     return r, c, l_, block_r, block_c, rows_per_prog
+
+
+def _block_p(p: int, block_c: int) -> int:
+    """Partials merged per step: all of them when few, else a tile of about 4096 values."""
+    fit = max(1, COMBINE_TILE // block_c)
+    return min(triton.next_power_of_2(p), 1 << (fit.bit_length() - 1))  # powers of two for tl.arange
 
 
 @torch.library.custom_op("torch_bn::triton_forward", mutates_args=())
@@ -189,7 +219,8 @@ def triton_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     mean, var, rstd = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
     grid = (p, triton.cdiv(c, block_c))
     _stats_partial[grid](x, pmean, pm2, r, c, l_, rows, BLOCK_R=block_r, BLOCK_C=block_c)
-    _stats_combine[(grid[1],)](pmean, pm2, mean, var, rstd, p, r, c, rows, eps, BLOCK_C=block_c)
+    _stats_combine[(grid[1],)](pmean, pm2, mean, var, rstd, p, r, c, rows, eps,
+                               BLOCK_P=_block_p(p, block_c), BLOCK_C=block_c)
     y = torch.empty_like(x)
     _normalize[grid](x, y, mean, rstd, weight, bias, r, c, l_, rows, HAS_W=weight is not None,
                      HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c)
@@ -215,7 +246,7 @@ def triton_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: T
     grid = (p, triton.cdiv(c, block_c))
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     _backward_partial[grid](dy, x, mean, rstd, pdb, pdw, r, c, l_, rows, BLOCK_R=block_r, BLOCK_C=block_c)
-    _backward_combine[(grid[1],)](pdb, pdw, db, dw, p, c, BLOCK_C=block_c)
+    _backward_combine[(grid[1],)](pdb, pdw, db, dw, p, c, BLOCK_P=_block_p(p, block_c), BLOCK_C=block_c)
     dx = torch.empty_like(dy)
     _backward_dx[grid](dy, x, dx, mean, rstd, weight, db, dw, r, c, l_, rows, HAS_W=weight is not None,
                        BLOCK_R=block_r, BLOCK_C=block_c)
