@@ -29,29 +29,42 @@ from torch_bn import triton_kernels as tk
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def kernels(dt: str, block_r: int, block_c: int, block_p: int) -> list[tuple]:
-    """(kernel, signature, constexprs) for every launch of one forward and backward of a 2D
-    input, specialized as a launch would be: L == 1 is a constant (Triton specializes integer
+def kernels(dt: str, config: tuple) -> list[tuple]:
+    """(kernel, signature, constexprs, num_warps) for every launch of one forward and backward of a
+    2D input, specialized as a launch would be: L == 1 is a constant (Triton specializes integer
     arguments equal to 1), and tensors and sizes divisible by 16 are marked so (see attrs)."""
     i32, f32 = "i32", "*fp32"
-    rc = {"R": i32, "C": i32, "L": "constexpr", "ROWS_PER_PROG": i32}
-    tile = {"L": 1, "BLOCK_R": block_r, "BLOCK_C": block_c}
+    rc = {"R": i32, "C": i32, "L": "constexpr"}
     const = lambda d: {k: "constexpr" for k in d if k != "L"}  # noqa: E731
+    if config[0] == "small":
+        _, block_r, block_c = config
+        tile = {"L": 1, "BLOCK_R": block_r, "BLOCK_C": block_c}
+        w = tk.SMALL_WARPS
+        return [
+            (tk._small_forward, {"X": dt, "Y": dt, "MEAN": f32, "VAR": f32, "W": f32, "B": f32, **rc, "eps": "fp32",
+                                 "HAS_W": "constexpr", "HAS_B": "constexpr", **const(tile)},
+             {"HAS_W": True, "HAS_B": True, **tile}, w),
+            (tk._small_backward, {"DY": dt, "X": dt, "DX": dt, "MEAN": f32, "RSTD": f32, "W": f32, "DB": f32,
+                                  "DW": f32, **rc, "HAS_W": "constexpr", **const(tile)}, {"HAS_W": True, **tile}, w),
+        ]
+    _, block_r, block_c, block_p = config
+    rc["ROWS_PER_PROG"] = i32
+    tile = {"L": 1, "BLOCK_R": block_r, "BLOCK_C": block_c}
     return [
-        (tk._stats_partial, {"X": dt, "PMEAN": f32, "PM2": f32, **rc, **const(tile)}, tile),
+        (tk._stats_partial, {"X": dt, "PMEAN": f32, "PM2": f32, **rc, **const(tile)}, tile, 4),
         (tk._stats_combine, {"PMEAN": f32, "PM2": f32, "MEAN": f32, "VAR": f32, "RSTD": f32, "P": i32, "R": i32,
                              "C": i32, "ROWS_PER_PROG": i32, "eps": "fp32", "BLOCK_P": "constexpr",
-                             "BLOCK_C": "constexpr"}, {"BLOCK_P": block_p, "BLOCK_C": block_c}),
+                             "BLOCK_C": "constexpr"}, {"BLOCK_P": block_p, "BLOCK_C": block_c}, 4),
         (tk._normalize, {"X": dt, "Y": dt, "MEAN": f32, "RSTD": f32, "W": f32, "B": f32, **rc,
                          "HAS_W": "constexpr", "HAS_B": "constexpr", **const(tile)},
-         {"HAS_W": True, "HAS_B": True, **tile}),
+         {"HAS_W": True, "HAS_B": True, **tile}, 4),
         (tk._backward_partial, {"DY": dt, "X": dt, "MEAN": f32, "RSTD": f32, "PDB": f32, "PDW": f32, **rc,
-                                **const(tile)}, tile),
+                                **const(tile)}, tile, 4),
         (tk._backward_combine, {"PDB": f32, "PDW": f32, "DB": f32, "DW": f32, "P": i32, "C": i32,
                                 "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
-         {"BLOCK_P": block_p, "BLOCK_C": block_c}),
+         {"BLOCK_P": block_p, "BLOCK_C": block_c}, 4),
         (tk._backward_dx, {"DY": dt, "X": dt, "DX": dt, "MEAN": f32, "RSTD": f32, "W": f32, "DB": f32, "DW": f32,
-                           **rc, "HAS_W": "constexpr", **const(tile)}, {"HAS_W": True, **tile}),
+                           **rc, "HAS_W": "constexpr", **const(tile)}, {"HAS_W": True, **tile}, 4),
     ]
 
 
@@ -77,17 +90,18 @@ def resources(cubin: bytes) -> dict[str, float]:
     return row
 
 
-def configs(sms: int = 132) -> set[tuple[int, int, int]]:
-    """(BLOCK_R, BLOCK_C, BLOCK_P) that _launch_config picks for the benchmark shapes on `sms` SMs."""
+def configs(sms: int = 132) -> set[tuple]:
+    """The kernel configurations the benchmark shapes launch on a GPU with `sms` SMs (H100: 132):
+    ("small", BLOCK_R, BLOCK_C) or ("chunked", BLOCK_R, BLOCK_C, BLOCK_P)."""
     seen = set()
     for shape in SHAPES + CUDA_ONLY:
-        n, c = shape
-        # _launch_config's arithmetic, with the device's SM count instead of a live device.
-        block_c = min(triton.next_power_of_2(c), 64)
-        block_r = max(16, min(tk.TILE_ELEMENTS // block_c, triton.next_power_of_2(n)))
-        chunks = max(1, min(triton.cdiv(n, block_r), triton.cdiv(tk.PROGRAMS_PER_SM * sms, triton.cdiv(c, block_c))))
-        rows = triton.cdiv(triton.cdiv(n, chunks), block_r) * block_r
-        seen.add((block_r, block_c, tk._block_p(triton.cdiv(n, rows), block_c)))
+        x = torch.empty(shape, device="meta")
+        small = tk._small_config(x)
+        if small is not None:
+            seen.add(("small", small[3], small[4]))
+            continue
+        r, _, _, block_r, block_c, rows = tk._launch_config(x, sm_count=sms)
+        seen.add(("chunked", block_r, block_c, tk._block_p(triton.cdiv(r, rows), block_c)))
     return seen
 
 
@@ -101,14 +115,14 @@ def main() -> None:
     target = GPUTarget("cuda", args.arch, 32)
     rows = []
     for dt in ("*fp32", "*bf16"):
-        for block_r, block_c, block_p in sorted(configs()):
-            for fn, sig, const in kernels(dt, block_r, block_c, block_p):
+        for config in sorted(configs(), key=str):
+            for fn, sig, const, warps in kernels(dt, config):
                 src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=divisible_by_16(sig))
-                compiled = triton.compile(src, target=target)
-                row = {"kernel": fn.__name__, "dtype": dt[1:], "block_r": block_r, "block_c": block_c,
-                       "block_p": block_p, **resources(compiled.asm["cubin"])}
+                compiled = triton.compile(src, target=target, options={"num_warps": warps})
+                row = {"kernel": fn.__name__, "dtype": dt[1:], "config": list(config), "num_warps": warps,
+                       **resources(compiled.asm["cubin"])}
                 rows.append(row)
-                print(f"{row['kernel']:<18} {row['dtype']:<5} R{block_r:<5} C{block_c:<3} P{block_p:<4} "
+                print(f"{row['kernel']:<18} {row['dtype']:<5} {str(config):<28} w{warps} "
                       f"regs {row.get('reg')} local(spill) {row.get('local')} shared {row.get('shared')} "
                       f"128-bit loads {100 * row['vector_loads']:.0f}%")
     if args.json:

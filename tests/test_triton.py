@@ -1,4 +1,6 @@
 """The Triton kernels match the reference ops: on CUDA when present, else in Triton's interpreter."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -9,6 +11,17 @@ from torch_bn import function, ops
 
 triton_kernels = pytest.importorskip("torch_bn.triton_kernels", reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """Force the one-launch kernels ("small") or the chunked ones ("chunked", the large-tensor path)."""
+    old = triton_kernels.SMALL_ELEMENTS
+    triton_kernels.SMALL_ELEMENTS = old if path == "small" else 0
+    try:
+        yield
+    finally:
+        triton_kernels.SMALL_ELEMENTS = old
 
 
 @pytest.fixture
@@ -35,9 +48,10 @@ def reference(x, w, b, dy, eps=1e-5):
     c=st.integers(1, 80),
     trailing=st.sampled_from([(), (1,), (3,), (2, 5)]),
     affine=st.sampled_from(["both", "weight", "none"]),
+    path=st.sampled_from(["small", "chunked"]),
     seed=st.integers(0, 2**16),
 )
-def test_kernels_match_float64_reference(n, c, trailing, affine, seed):
+def test_kernels_match_float64_reference(n, c, trailing, affine, path, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (n, c, *trailing)
     x = (torch.randn(shape, generator=g) * 3 + 4).to(DEVICE)
@@ -46,8 +60,9 @@ def test_kernels_match_float64_reference(n, c, trailing, affine, seed):
     b = (torch.randn(c, generator=g) if affine == "both" else None)
     w = None if w is None else w.to(DEVICE)
     b = None if b is None else b.to(DEVICE)
-    y, mean, var = triton_kernels.triton_forward(x, w, b, 1e-5)
-    dx, dw, db = triton_kernels.triton_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
+    with kernel_path(path):
+        y, mean, var = triton_kernels.triton_forward(x, w, b, 1e-5)
+        dx, dw, db = triton_kernels.triton_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
     ry, rmean, rvar, _, rdx, rdw, rdb = reference(x, w, b, dy)
     # float32 loses about eps * |x| / std in x - mean: scale the tolerance by that condition
     # number (large when, say, two samples of a channel nearly coincide).
@@ -60,6 +75,7 @@ def test_kernels_match_float64_reference(n, c, trailing, affine, seed):
 @pytest.mark.parametrize("shape", [(900, 40), (50, 20, 9)])
 def test_many_partials_merged_in_tiles(monkeypatch, shape):
     """Many row chunks, merged four at a time with a ragged last tile and a short last chunk."""
+    monkeypatch.setattr(triton_kernels, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(triton_kernels, "TILE_ELEMENTS", 256)
     monkeypatch.setattr(triton_kernels, "CPU_PROGRAMS", 23)
     monkeypatch.setattr(triton_kernels, "PROGRAMS_PER_SM", 1)
@@ -78,14 +94,16 @@ def test_many_partials_merged_in_tiles(monkeypatch, shape):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["small", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernels_half_precision(dtype):
+def test_kernels_half_precision(dtype, path):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(33, 6, 4, generator=g) * 2 + 8).to(DEVICE, dtype)
     dy = torch.randn(33, 6, 4, generator=g).to(DEVICE, dtype)
     w, b = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
-    y, mean, var = triton_kernels.triton_forward(x, w, b, 1e-5)
-    dx, dw, db = triton_kernels.triton_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
+    with kernel_path(path):
+        y, mean, var = triton_kernels.triton_forward(x, w, b, 1e-5)
+        dx, dw, db = triton_kernels.triton_backward(dy, x, mean, torch.rsqrt(var + 1e-5), w)
     assert y.dtype == dtype and dx.dtype == dtype and mean.dtype == torch.float32
     ry, rmean, rvar, _, rdx, rdw, rdb = reference(x, w, b, dy)
     torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=1e-5)
@@ -94,9 +112,12 @@ def test_kernels_half_precision(dtype):
     torch.testing.assert_close(dw.double(), rdw, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("path", ["small", "chunked"])
 @pytest.mark.parametrize("kind, shape", [(1, (2, 1)), (1, (19, 7)), (1, (6, 5, 3)), (2, (3, 4, 5, 3))])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_modules_through_triton_match_nn(triton_everywhere, kind, shape, momentum):
+def test_modules_through_triton_match_nn(triton_everywhere, kind, shape, momentum, path, monkeypatch):
+    if path == "chunked":
+        monkeypatch.setattr(triton_kernels, "SMALL_ELEMENTS", 0)
     ours_cls, theirs_cls = {1: (torch_bn.BatchNorm1d, nn.BatchNorm1d), 2: (torch_bn.BatchNorm2d, nn.BatchNorm2d)}[kind]
     ours = ours_cls(shape[1], momentum=momentum, device=DEVICE)
     theirs = theirs_cls(shape[1], momentum=momentum, device=DEVICE)
@@ -163,8 +184,8 @@ def test_kernels_compile_for_hopper_without_spills_and_with_vector_loads(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_stats_partial", "_stats_combine", "_normalize", "_backward_partial",
-                                           "_backward_combine", "_backward_dx"}
+                                           "_backward_combine", "_backward_dx", "_small_forward", "_small_backward"}
     assert all(r["local"] == 0 for r in rows), [r for r in rows if r["local"]]
     data_kernels = [r for r in rows if r["kernel"] in ("_stats_partial", "_normalize", "_backward_partial",
-                                                        "_backward_dx")]
+                                                        "_backward_dx", "_small_forward", "_small_backward")]
     assert all(r["vector_loads"] == 1.0 for r in data_kernels), [r for r in data_kernels if r["vector_loads"] < 1]

@@ -12,6 +12,9 @@ Forward, three launches:
    means, then M2 = sum(M2_p + n_p (mean_p - mean)^2)), a tile of chunks at a time, and
    writes mean, var, rstd.
 So the forward reads x twice and writes y once: the two-pass bound.
+When a whole column block fits one tile (R up to SMALL_ELEMENTS rows), ``_small_forward`` and
+``_small_backward`` do everything in one launch each, from one read of the data: the
+one-pass bound, and a third of the launches for the small, launch-bound shapes.
 3. ``_normalize``: y = (x - mean) * (rstd * weight) + bias.
 Backward, three launches: ``_backward_partial`` (per chunk: sum(dy), sum(dy * xhat)),
 ``_backward_combine`` (sums the chunks: dbias, dweight), ``_backward_dx`` (the closed form
@@ -180,25 +183,91 @@ def _backward_dx(DY, X, DX, MEAN, RSTD, W, DB, DW, R, C, L, ROWS_PER_PROG,
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _small_forward(X, Y, MEAN, VAR, W, B, R, C, L, eps,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Whole columns fit in one program: load x once, exact two-pass statistics in registers,
+    # normalize and store. One launch; one read and one write of x.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rows = tl.arange(0, BLOCK_R)
+    mask = (rows < R)[:, None] & cmask[None, :]
+    off = _offsets(rows, cols, C, L)
+    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / R
+    d = tl.where(mask, x - mean[None, :], 0.0)
+    var = tl.sum(d * d, axis=0) / R
+    scale = 1.0 / tl.sqrt(var + eps)
+    if HAS_W:
+        scale *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = d * scale[None, :]
+    if HAS_B:
+        y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + cols, mean, mask=cmask)
+    tl.store(VAR + cols, var, mask=cmask)
+
+
+@triton.jit
+def _small_backward(DY, X, DX, MEAN, RSTD, W, DB, DW, R, C, L,
+                    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Whole columns in one program: both reductions and dx from one read of dy and x.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rows = tl.arange(0, BLOCK_R)
+    mask = (rows < R)[:, None] & cmask[None, :]
+    off = _offsets(rows, cols, C, L)
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0)
+    dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
+    db = tl.sum(dy, axis=0)
+    dw = tl.sum(dy * xhat, axis=0)
+    g = rstd
+    if HAS_W:
+        g *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dx = g[None, :] * (dy - db[None, :] / R - xhat * dw[None, :] / R)
+    tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DB + cols, db, mask=cmask)
+    tl.store(DW + cols, dw, mask=cmask)
+
+
 PROGRAMS_PER_SM = 4  # chunks of rows x channel blocks: about this many programs per SM
 CPU_PROGRAMS = 4  # the interpreter's "SMs" (tests raise it to exercise many partials)
 COMBINE_TILE = 4096  # partial values merged per step of a combine kernel
 TILE_ELEMENTS = 4096  # elements of x one program holds per loop step (BLOCK_R x BLOCK_C)
+SMALL_ELEMENTS = 8192  # whole columns up to this tile size take the one-launch kernels
+SMALL_MIN_COLS = 32  # ... if the tile still spans this many channels (128-byte rows: coalesced)
+SMALL_WARPS = 8  # 8192 float32 values over 256 threads: 32 registers of data each
 
 
-def _launch_config(x: Tensor) -> tuple[int, int, int, int, int, int]:
-    """R, C, L, block sizes and rows per program for the (row chunk, channel block) grid."""
+def _launch_config(x: Tensor, sm_count: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """R, C, L, block sizes and rows per program for the (row chunk, channel block) grid.
+    sm_count: the device's, read from x's device when not given (CPU: CPU_PROGRAMS programs)."""
     n, c = x.shape[0], x.shape[1]
     l_ = x[0, 0].numel() if x.dim() > 2 else 1
     r = n * l_
     block_c = min(triton.next_power_of_2(c), 64 if l_ == 1 else 16)
     block_r = max(16, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(r)))
     c_blocks = triton.cdiv(c, block_c)
-    target = (PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
-              if x.is_cuda else CPU_PROGRAMS)
+    if sm_count is None and x.is_cuda:
+        sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
+    target = CPU_PROGRAMS if sm_count is None else PROGRAMS_PER_SM * sm_count
     chunks = max(1, min(triton.cdiv(r, block_r), triton.cdiv(target, c_blocks)))
     rows_per_prog = triton.cdiv(triton.cdiv(r, chunks), block_r) * block_r
     return r, c, l_, block_r, block_c, rows_per_prog
+
+
+def _small_config(x: Tensor) -> tuple[int, int, int, int, int] | None:
+    """R, C, L, BLOCK_R, BLOCK_C for the one-launch kernels when whole columns fit a tile, else None."""
+    n, c = x.shape[0], x.shape[1]
+    l_ = x[0, 0].numel() if x.dim() > 2 else 1
+    r = n * l_
+    block_r = triton.next_power_of_2(r)
+    block_c = min(triton.next_power_of_2(c), SMALL_ELEMENTS // block_r)
+    if block_c < min(triton.next_power_of_2(c), SMALL_MIN_COLS if l_ == 1 else 1):
+        return None  # too many rows: a narrow column tile would read x with a stride of C
+    return r, c, l_, block_r, block_c
 
 
 def _block_p(p: int, block_c: int) -> int:
@@ -212,9 +281,17 @@ def triton_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode forward: y (like x), batch mean and biased var (C,, float32)."""
     x = x.contiguous()
+    f32 = dict(dtype=torch.float32, device=x.device)
+    small = _small_config(x)
+    if small is not None:
+        r, c, l_, block_r, block_c = small
+        y, mean, var = torch.empty_like(x), torch.empty(c, **f32), torch.empty(c, **f32)
+        _small_forward[(triton.cdiv(c, block_c),)](x, y, mean, var, weight, bias, r, c, l_, eps,
+                                                   HAS_W=weight is not None, HAS_B=bias is not None,
+                                                   BLOCK_R=block_r, BLOCK_C=block_c, num_warps=SMALL_WARPS)
+        return y, mean, var
     r, c, l_, block_r, block_c, rows = _launch_config(x)
     p = triton.cdiv(r, rows)
-    f32 = dict(dtype=torch.float32, device=x.device)
     pmean, pm2 = torch.empty(p, c, **f32), torch.empty(p, c, **f32)
     mean, var, rstd = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
     grid = (p, triton.cdiv(c, block_c))
@@ -238,13 +315,21 @@ def triton_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: T
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form training backward: dx (like dy), dweight, dbias (C,, float32)."""
     dy, x = dy.contiguous(), x.contiguous()
+    f32 = dict(dtype=torch.float32, device=x.device)
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    small = _small_config(x)
+    if small is not None:
+        r, c, l_, block_r, block_c = small
+        dx, db, dw = torch.empty_like(dy), torch.empty(c, **f32), torch.empty(c, **f32)
+        _small_backward[(triton.cdiv(c, block_c),)](dy, x, dx, mean, rstd, weight, db, dw, r, c, l_,
+                                                    HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                                                    num_warps=SMALL_WARPS)
+        return dx, dw, db
     r, c, l_, block_r, block_c, rows = _launch_config(x)
     p = triton.cdiv(r, rows)
-    f32 = dict(dtype=torch.float32, device=x.device)
     pdb, pdw = torch.empty(p, c, **f32), torch.empty(p, c, **f32)
     db, dw = torch.empty(c, **f32), torch.empty(c, **f32)
     grid = (p, triton.cdiv(c, block_c))
-    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     _backward_partial[grid](dy, x, mean, rstd, pdb, pdw, r, c, l_, rows, BLOCK_R=block_r, BLOCK_C=block_c)
     _backward_combine[(grid[1],)](pdb, pdw, db, dw, p, c, BLOCK_P=_block_p(p, block_c), BLOCK_C=block_c)
     dx = torch.empty_like(dy)
