@@ -191,8 +191,14 @@ def test_torch_compile_inductor_matches_eager():
     ref = torch_bn.BatchNorm2d(3)
     compiled = torch.compile(bn, fullgraph=True)
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    torch.testing.assert_close(compiled(x), ref(x))
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = compiled(x), ref(x_ref)
+    torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    dy = torch.randn_like(y)
+    y.backward(dy), y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad)
 
 
 @pytest.mark.parametrize(
