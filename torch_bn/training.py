@@ -45,7 +45,7 @@ class TrainConfig:
     batch_size: int = 50
     epochs: int = 10
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(self.hidden_dims)
