@@ -241,12 +241,16 @@ SMALL_MIN_COLS = 32  # ... if the tile still spans this many channels (128-byte 
 SMALL_WARPS = 8  # 8192 float32 values over 256 threads: 32 registers of data each
 
 
+def _view(x: Tensor) -> tuple[int, int, int]:
+    """R, C, L of the (N, C, L) view the kernels index: R = N * L rows per channel."""
+    l_ = x[0, 0].numel() if x.dim() > 2 else 1
+    return x.shape[0] * l_, x.shape[1], l_
+
+
 def _launch_config(x: Tensor, sm_count: int | None = None) -> tuple[int, int, int, int, int, int]:
     """R, C, L, block sizes and rows per program for the (row chunk, channel block) grid.
     sm_count: the device's, read from x's device when not given (CPU: CPU_PROGRAMS programs)."""
-    n, c = x.shape[0], x.shape[1]
-    l_ = x[0, 0].numel() if x.dim() > 2 else 1
-    r = n * l_
+    r, c, l_ = _view(x)
     block_c = min(triton.next_power_of_2(c), 64 if l_ == 1 else 16)
     block_r = max(16, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(r)))
     c_blocks = triton.cdiv(c, block_c)
@@ -260,9 +264,7 @@ def _launch_config(x: Tensor, sm_count: int | None = None) -> tuple[int, int, in
 
 def _small_config(x: Tensor) -> tuple[int, int, int, int, int] | None:
     """R, C, L, BLOCK_R, BLOCK_C for the one-launch kernels when whole columns fit a tile, else None."""
-    n, c = x.shape[0], x.shape[1]
-    l_ = x[0, 0].numel() if x.dim() > 2 else 1
-    r = n * l_
+    r, c, l_ = _view(x)
     block_r = triton.next_power_of_2(r)
     block_c = min(triton.next_power_of_2(c), SMALL_ELEMENTS // block_r)
     if block_c < min(triton.next_power_of_2(c), SMALL_MIN_COLS if l_ == 1 else 1):
