@@ -1,86 +1,151 @@
-"""Fast eager paths: the math of :mod:`torch_bn.ops` with fewer trips through main memory.
+"""Fast eager paths: the math of :mod:`torch_bn.ops` with fewer trips through memory.
 
-Same results as the reference ops (tested equal), but not differentiable: they run where
-autograd is not recording, inside BatchNormFunction. The trick, in plain tensor ops: work
-on cache-sized slabs of rows, so that x - mean, its square, or dy * xhat live in a small
-reused buffer (or in the output's own slab) instead of full-size temporaries that must be
-allocated, page-faulted and streamed through memory twice. Half-precision slabs are
-converted to float32 in the buffer (mixed-dtype kernels are slow on CPU). Like PyTorch's own
-kernel, only x and per-channel vectors are kept for backward. Slabs split dim 0 only, so any
-(N, C, *) input and any strides work.
+Same results as the reference ops to within rounding (tested against them and float64), but
+not differentiable: they run where autograd is not recording, inside BatchNormFunction.
+Two tricks, in plain tensor ops:
+
+- One-pass statistics and a folded affine where that is safe. Sum x and x^2 in one sweep,
+  var = E[x^2] - mean^2, and y = x * scale + (bias - mean * scale) in a single addcmul (the
+  backward likewise: sum(dy * x) - mean * sum(dy), and dx = a * dy + b * x + c in two ops). These
+  lose about (1 + (|mean| * rstd)^2) ulps, so they are taken only when every channel has
+  |mean| * rstd <= ONE_PASS_MAX_MEAN_RSTD (= 4; in train.py's deep CIFAR-10 experiment at most
+  2.4, so every call there is one-pass). Otherwise, as for constant features or data far from
+  zero, the exact two-pass path runs: x - mean first.
+- Row slabs: sums of x, x^2 or dy * x are accumulated slab by slab into slab-sized accumulators
+  that stay in cache, and temporaries (x - mean, float32 copies of half-precision slabs: most
+  mixed-dtype kernels are slow on CPU) live in small buffers reused slab after slab, never in
+  full-size tensors that must be allocated, page-faulted and streamed through memory.
+
+Like PyTorch's own kernel, only x and per-channel vectors are kept for backward. Slabs split
+dim 0 only, so any (N, C, *) input and any strides work.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
 
 from .ops import as_channel, compute_dtype, reduce_dims
 
-SLAB_ELEMENTS = 1 << 18  # 1 MiB of float32: stays in cache between the two uses of a slab
+SLAB_ELEMENTS = 1 << 17  # 512 KiB of float32: three such slabs per op stay in a core's L2
+# One-pass error grows as (1 + (|mean| * rstd)^2) ulps: at 4, float32 y is within 1e-5 of
+# float64 (PyTorch's own CPU kernel, which also folds the mean into the shift: 6e-6).
+ONE_PASS_MAX_MEAN_RSTD = 4.0
+
+# Scratch is kept per thread between calls: allocating and freeing it on every call shifts the
+# heap so that glibc returns y's pages to the OS and the next call page-faults them back in
+# (about 1 us per 4 KiB page here: as much as the arithmetic at 16 MiB).
+_scratch = threading.local()
+
+
+def _scratch_buffer(name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous buffer shaped like ``like``, reused across calls (up to 4 slabs' worth)."""
+    pool = _scratch.__dict__.setdefault("pool", {})
+    key, n = (name, dtype, like.device), like.numel()
+    flat = pool.get(key)
+    if flat is None or flat.numel() < n:
+        flat = torch.empty(n, dtype=dtype, device=like.device)
+        if n <= 4 * SLAB_ELEMENTS:  # a huge single row is not worth keeping
+            pool[key] = flat
+    return flat[:n].view(like.shape)
 
 
 class _Slabs:
-    """Row slabs of the tensors of one call, with reusable float scratch buffers."""
+    """Row slabs of the tensors of one call, and their scratch buffers in compute dtype."""
 
     def __init__(self, x: Tensor) -> None:
-        rows = max(1, SLAB_ELEMENTS // max(x[0].numel(), 1))
-        self.slices = [slice(i, min(i + rows, x.shape[0])) for i in range(0, x.shape[0], rows)]
+        self.rows = max(1, SLAB_ELEMENTS // max(x[0].numel(), 1))
         self.dtype = compute_dtype(x)
-        self.buffers: dict[str, Tensor] = {}
+        self.dims = reduce_dims(x)
+        self.half = x.dtype != self.dtype  # float16/bfloat16 input, float32 arithmetic
+
+    def of(self, t: Tensor) -> tuple[Tensor, ...]:
+        """Views of t's row slabs (the last may be shorter)."""
+        return t.split(self.rows)
 
     def buffer(self, name: str, like: Tensor) -> Tensor:
-        """Scratch shaped like ``like`` in compute dtype (the last slab may be shorter)."""
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape != like.shape:
-            buf = self.buffers[name] = torch.empty(like.shape, dtype=self.dtype, device=like.device)
-        return buf
+        """Scratch shaped like ``like`` in compute dtype."""
+        return _scratch_buffer(name, like, self.dtype)
 
     def compute(self, slab: Tensor, name: str) -> Tensor:
         """The slab in compute dtype: itself, or a float32 copy in a buffer (read-only use)."""
-        return slab if slab.dtype == self.dtype else self.buffer(name, slab).copy_(slab)
+        return self.buffer(name, slab).copy_(slab) if self.half else slab
 
     def centred(self, slab: Tensor, mean_c: Tensor, out: Tensor | None = None) -> Tensor:
         """slab - mean in compute dtype, written into ``out`` or a scratch buffer."""
         out = self.buffer("centred", slab) if out is None else out
-        if slab.dtype == self.dtype:
-            return torch.sub(slab, mean_c, out=out)
-        return out.copy_(slab).sub_(mean_c)
+        if self.half:
+            return out.copy_(slab).sub_(mean_c)
+        return torch.sub(slab, mean_c, out=out)
+
+    def dot_sums(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Per channel sum(b) and sum(a * b), in one sweep over the slabs of a and b.
+
+        Each slab is added element-wise into two slab-shaped accumulators (add_, addcmul_: no
+        product is ever written out), which are reduced once at the end. Each accumulator
+        element sums one value per slab, so rounding grows with the number of slabs (512 at
+        256 MiB of float32), not with N.
+        """
+        total = total_ab = None
+        for a_slab, b_slab in zip(self.of(a), self.of(b)):
+            bs = self.compute(b_slab, "b")
+            as_ = bs if a is b else self.compute(a_slab, "a")
+            if total is None:
+                total = self.buffer("total", bs).copy_(bs)
+                total_ab = torch.mul(as_, bs, out=self.buffer("total_ab", bs))
+            elif bs.shape[0] == total.shape[0]:
+                total.add_(bs)
+                total_ab.addcmul_(as_, bs)
+            else:  # the short last slab
+                total[: bs.shape[0]].add_(bs)
+                total_ab[: bs.shape[0]].addcmul_(as_, bs)
+        return total.sum(self.dims), total_ab.sum(self.dims)
+
+
+def one_pass_ok(mean: Tensor, rstd: Tensor) -> bool:
+    """Whether the one-pass formulas are accurate here: every |mean| * rstd <= the bound."""
+    return mean.numel() == 0 or bool((mean.abs() * rstd).amax() <= ONE_PASS_MAX_MEAN_RSTD)
 
 
 def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode forward: returns y (like x), mean and biased var (C,, compute dtype).
 
-    Memory traffic: read x (sum); read x (sum of squared deviations, from a slab buffer);
-    read x, write y (each slab of y is x - mean, then scaled and shifted in place).
+    Memory traffic, one-pass path: read x (sums of x and x^2); read x, write y. The exact path
+    adds a sweep for sum((x - mean)^2) and writes y as (x - mean) * scale + bias.
     """
+    y = torch.empty_like(x)  # before any scratch, so that it reuses the block the last y freed
     s = _Slabs(x)
-    dims, m = reduce_dims(x), x.numel() // x.shape[1]
-    mean = torch.zeros(x.shape[1], dtype=s.dtype, device=x.device)
-    for rows in s.slices:
-        mean += s.compute(x[rows], "x").sum(dims)
-    mean /= m
+    m = x.numel() // x.shape[1]
+    total, total_sq = s.dot_sums(x, x)
+    mean = total / m
+    var = (total_sq / m - mean * mean).clamp_(min=0)
+    rstd = torch.rsqrt(var + eps)
+    exact = not one_pass_ok(mean, rstd)
     mean_c = as_channel(mean, x)
-    sumsq = torch.zeros_like(mean)
-    for rows in s.slices:
-        xmu = s.centred(x[rows], mean_c)
-        sumsq += xmu.mul_(xmu).sum(dims)
-    var = sumsq / m
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(s.dtype)
-    scale_c = as_channel(scale, x)
-    bias_c = None if bias is None else as_channel(bias.to(s.dtype), x)
-    y = torch.empty_like(x)
-    same = x.dtype == s.dtype
-    for rows in s.slices:
-        slab = s.centred(x[rows], mean_c, out=y[rows] if same else None)
-        if bias_c is None:
-            slab.mul_(scale_c)
-        else:
-            torch.addcmul(bias_c, slab, scale_c, out=slab)
-        if not same:
-            y[rows].copy_(slab)
+    if exact:
+        var.zero_()
+        for xs in s.of(x):
+            xmu = s.centred(xs, mean_c)
+            var += xmu.mul_(xmu).sum(s.dims)
+        var /= m
+        rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight.to(s.dtype)
+    shift = torch.zeros_like(mean) if bias is None else bias.to(s.dtype)
+    if not exact:
+        shift = shift - mean * scale
+    scale_c, shift_c = as_channel(scale, x), as_channel(shift, x)
+    if not exact and not s.half:
+        return torch.addcmul(shift_c, x, scale_c, out=y), mean, var
+    for xs, ys in zip(s.of(x), s.of(y)):
+        if exact:  # x - mean, written where y goes (or a float buffer for half precision)
+            xs = s.centred(xs, mean_c, out=None if s.half else ys)
+            torch.addcmul(shift_c, xs, scale_c, out=xs)  # in place: xs is ys or our buffer
+        else:  # half precision: the mixed-dtype addcmul is fast when it writes float32
+            xs = torch.addcmul(shift_c, xs, scale_c, out=s.buffer("y", xs))
+        if s.half:
+            ys.copy_(xs)
     return y, mean, var
 
 
@@ -89,28 +154,37 @@ def closed_form_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     """Closed-form training backward (as ``ops.closed_form_backward``): returns dx, dweight, dbias.
 
     Memory traffic: read dy and x for both reductions; read them again and write dx.
+    dx = a * dy + b * (x - mean) + c per channel, with a = weight * rstd,
+    b = -a * rstd * dweight / M, c = -a * dbias / M (docs/derivation.md, xhat = (x - mean) * rstd).
     """
+    dx = torch.empty_like(dy)  # first, as y in forward_train
     s = _Slabs(x)
-    dims, m = reduce_dims(x), x.numel() // x.shape[1]
+    m = x.numel() // x.shape[1]
+    exact = not one_pass_ok(mean, rstd)
     mean_c = as_channel(mean, x)
-    dbias = torch.zeros_like(mean)  # sum(dy)
-    dot = torch.zeros_like(mean)  # sum(dy * (x - mean))
-    for rows in s.slices:
-        d = s.compute(dy[rows], "dy")
-        dbias += d.sum(dims)
-        dot += s.centred(x[rows], mean_c).mul_(d).sum(dims)
+    if exact:
+        dbias = torch.zeros_like(mean)
+        dot = torch.zeros_like(mean)  # sum(dy * (x - mean))
+        for xs, dys in zip(s.of(x), s.of(dy)):
+            d = s.compute(dys, "b")
+            dbias += d.sum(s.dims)
+            dot += s.centred(xs, mean_c).mul_(d).sum(s.dims)
+    else:
+        dbias, dot = s.dot_sums(x, dy)
+        dot -= mean * dbias
     dweight = dot * rstd  # sum(dy * xhat)
-    # dx = a * dy + b * (x - mean) + c, per channel: a = weight * rstd,
-    # b = -a * rstd * dweight / M, c = -a * dbias / M  (docs/derivation.md, with xhat = (x - mean) * rstd)
     a = rstd if weight is None else rstd * weight.to(s.dtype)
-    a_c = as_channel(a, x)
-    b_c = as_channel(-a * rstd * dweight / m, x)
-    c_c = as_channel(-a * dbias / m, x)
-    dx = torch.empty_like(dy)
-    same = dy.dtype == s.dtype
-    for rows in s.slices:
-        slab = s.centred(x[rows], mean_c, out=dx[rows] if same else None)
-        torch.addcmul(c_c, slab, b_c, out=slab).addcmul_(s.compute(dy[rows], "dy"), a_c)
-        if not same:
-            dx[rows].copy_(slab)
+    b = -a * rstd * dweight / m
+    c = -a * dbias / m
+    if not exact:
+        c -= b * mean  # b * (x - mean) + c = b * x + (c - b * mean)
+    a_c, b_c, c_c = as_channel(a, x), as_channel(b, x), as_channel(c, x)
+    for xs, dys, dxs in zip(s.of(x), s.of(dy), s.of(dx)):
+        out = s.buffer("dx", dxs) if s.half else dxs
+        if exact:
+            xs = s.centred(xs, mean_c)
+        # a half-precision xs is read directly (that mixed addcmul is fast), dy is converted first
+        torch.addcmul(c_c, xs, b_c, out=out).addcmul_(s.compute(dys, "b"), a_c)
+        if s.half:
+            dxs.copy_(out)
     return dx, dweight, dbias
