@@ -30,21 +30,30 @@ ACCESSES_FWD = 3
 
 
 def timer(device: str, budget_s: float):
-    """A function that returns the median seconds of fn() on this device."""
+    """A function that takes {name: fn} and returns {name: median seconds of fn()} on this device.
+
+    CPU: the functions run in turns (a, b, a, b, ...) rather than one after the other, so that
+    the drift of a noisy shared machine (and the state one leaves for the next: caches, the
+    heap) falls on all of them alike.
+    """
     if device == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=int(budget_s * 1000), return_mode="median") / 1e3
+        return lambda fns: {k: triton.testing.do_bench(fn, warmup=25, rep=int(budget_s * 1000),
+                                                       return_mode="median") / 1e3 for k, fn in fns.items()}
 
-    def median_cpu(fn) -> float:
-        fn()  # warm-up (allocator, caches)
-        times: list[float] = []
+    def median_cpu(fns: dict) -> dict:
+        for fn in fns.values():
+            fn()  # warm-up (allocator, caches)
+        times: dict[str, list[float]] = {k: [] for k in fns}
         start = time.perf_counter()
-        while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 200):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        while (len(times[next(iter(fns))]) < 5
+               or (time.perf_counter() - start < budget_s * len(fns) and len(times[next(iter(fns))]) < 200)):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+        return {k: statistics.median(v) for k, v in times.items()}
 
     return median_cpu
 
@@ -54,7 +63,7 @@ def copy_bandwidth(device: str, measure) -> float:
     n = (256 if device == "cuda" else 64) * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / measure(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / measure({"copy": lambda: dst.copy_(src)})["copy"]
 
 
 def implementations(c: int, device: str) -> dict[str, nn.Module]:
@@ -69,18 +78,24 @@ def bench_shape(shape, dtype, device, measure, bandwidth) -> dict:
     x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(shape, device=device, dtype=dtype)
     row: dict = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "mib": x.numel() * x.element_size() / 2**20}
+    forward, forward_backward = {}, {}
     for name, m in implementations(shape[1], device).items():
-        def forward():
+        def fwd(m=m):
             with torch.no_grad():
                 m(x)
 
-        def forward_backward():
+        def fwd_bwd(m=m):
             x.grad = None
             m.zero_grad(set_to_none=True)
             m(x).backward(dy)
 
-        row[f"{name}_fwd_s"] = measure(forward)
-        row[f"{name}_fwdbwd_s"] = measure(forward_backward)
+        forward[name], forward_backward[name] = fwd, fwd_bwd
+    # native and torch_bn are timed in turns; the staged backward (slow, and it churns the heap)
+    # on its own afterwards.
+    for kind, fns in (("fwd", forward), ("fwdbwd", forward_backward)):
+        pair = measure({k: fns[k] for k in ("native", "torch_bn")})
+        row[f"native_{kind}_s"], row[f"torch_bn_{kind}_s"] = pair["native"], pair["torch_bn"]
+        row[f"staged_{kind}_s"] = measure({"staged": fns["staged"]})["staged"]
     nbytes = x.numel() * x.element_size()
     row["bound_fwdbwd_s"] = ACCESSES_FWD_BWD * nbytes / bandwidth
     row["bound_fwd_s"] = ACCESSES_FWD * nbytes / bandwidth

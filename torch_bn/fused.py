@@ -142,8 +142,9 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         if exact:  # x - mean, written where y goes (or a float buffer for half precision)
             xs = s.centred(xs, mean_c, out=None if s.half else ys)
             torch.addcmul(shift_c, xs, scale_c, out=xs)  # in place: xs is ys or our buffer
-        else:  # half precision: the mixed-dtype addcmul is fast when it writes float32
-            xs = torch.addcmul(shift_c, xs, scale_c, out=s.buffer("y", xs))
+        else:  # half precision, in a float32 copy
+            xs = s.compute(xs, "a")
+            torch.addcmul(shift_c, xs, scale_c, out=xs)
         if s.half:
             ys.copy_(xs)
     return y, mean, var
@@ -181,9 +182,7 @@ def closed_form_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     a_c, b_c, c_c = as_channel(a, x), as_channel(b, x), as_channel(c, x)
     for xs, dys, dxs in zip(s.of(x), s.of(dy), s.of(dx)):
         out = s.buffer("dx", dxs) if s.half else dxs
-        if exact:
-            xs = s.centred(xs, mean_c)
-        # a half-precision xs is read directly (that mixed addcmul is fast), dy is converted first
+        xs = s.centred(xs, mean_c) if exact else s.compute(xs, "a")
         torch.addcmul(c_c, xs, b_c, out=out).addcmul_(s.compute(dys, "b"), a_c)
         if s.half:
             dxs.copy_(out)
