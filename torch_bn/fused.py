@@ -33,8 +33,8 @@ SLAB_ELEMENTS = 1 << 17  # 512 KiB of float32: three such slabs per op stay in a
 # float64 (PyTorch's own CPU kernel, which also folds the mean into the shift: 6e-6).
 ONE_PASS_MAX_MEAN_RSTD = 4.0
 
-# Scratch is kept per thread between calls: allocating and freeing it on every call shifts the
-# heap so that glibc returns y's pages to the OS and the next call page-faults them back in
+# CPU scratch is kept per thread between calls: allocating and freeing it on every call shifts
+# the heap so that glibc returns y's pages to the OS and the next call page-faults them back in
 # (about 1 us per 4 KiB page here: as much as the arithmetic at 16 MiB).
 _scratch = threading.local()
 
@@ -46,7 +46,9 @@ def _scratch_buffer(name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
     flat = pool.get(key)
     if flat is None or flat.numel() < n:
         flat = torch.empty(n, dtype=dtype, device=like.device)
-        if n <= 4 * SLAB_ELEMENTS:  # a huge single row is not worth keeping
+        # A huge single row is not worth keeping; nor is GPU scratch: there the caching
+        # allocator already reuses memory, and knows which stream last used it.
+        if n <= 4 * SLAB_ELEMENTS and like.device.type == "cpu":
             pool[key] = flat
     return flat[:n].view(like.shape)
 
