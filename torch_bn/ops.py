@@ -79,10 +79,10 @@ def closed_form_backward(
     dbias = dyc.sum(dims)
     dweight = (dyc * xhat).sum(dims)
     g = rstd if weight is None else rstd * weight.to(xhat.dtype)
-    # The bracket divided by M, as (dy - dbias / M) + xhat * (-dweight / M): one addcmul, not
-    # three full-size ops, since it is the small per-channel vectors that get divided.
-    bracket = torch.addcmul(dyc - as_channel(dbias / m, xhat), xhat, as_channel(-dweight / m, xhat))
-    dx = as_channel(g, xhat) * bracket
+    # Multiplied out, dx = g * dy + xhat * (-g * dweight / M) + (-g * dbias / M): the factors are
+    # per-channel vectors, so two full-size ops (addcmul, addcmul_) do all the work.
+    dx = torch.addcmul(as_channel(-g * dbias / m, xhat), xhat, as_channel(-g * dweight / m, xhat))
+    dx = dx.addcmul_(dyc, as_channel(g, xhat))
     return dx.to(dy.dtype), dweight, dbias
 
 
