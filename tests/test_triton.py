@@ -189,3 +189,25 @@ def test_kernels_compile_for_hopper_without_spills_and_with_vector_loads(tmp_pat
     data_kernels = [r for r in rows if r["kernel"] in ("_stats_partial", "_normalize", "_backward_partial",
                                                         "_backward_dx", "_small_forward", "_small_backward")]
     assert all(r["vector_loads"] == 1.0 for r in data_kernels), [r for r in data_kernels if r["vector_loads"] < 1]
+
+
+def test_tuning_script_runs_every_setting(tmp_path):
+    """bench/tune_triton.py is meant for the few minutes a GPU is lent: a smoke run on one tiny
+    shape (in the interpreter without a GPU) proves it measures every knob setting and writes its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else os.environ
+    out = tmp_path / "tune.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.tune_triton", "--device", device, "--shapes", "64x8",
+                           "--dtype", "float32", "--budget", "0.001", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["settings"]) == 11 and len(result["rows"]) == 1
+    assert all(0 < r < float("inf") for r in result["rows"][0]["ratios"])
+    assert "geometric mean" in proc.stdout
