@@ -84,12 +84,16 @@ def test_largest_error_against_nn_batchnorm1d_float32():
     assert worst < 1e-4
 
 
-@pytest.mark.parametrize("kind, shape, fused_calls", [(1, (50, 100), 0), (1, (512, 512), 5), (2, (32, 16, 24, 24), 5)])
-def test_fused_path_from_its_size_up_is_as_accurate_as_torch_nn(kind, shape, fused_calls, monkeypatch):
+@pytest.mark.parametrize("kind, shape, dtype, fused_calls", [(1, (50, 100), torch.float32, 0),
+                                                        (1, (512, 512), torch.float32, 5),
+                                                        (2, (32, 16, 24, 24), torch.float32, 5),
+                                                        (1, (512, 512), torch.bfloat16, 5)])
+def test_fused_path_from_its_size_up_is_as_accurate_as_torch_nn(kind, shape, dtype, fused_calls, monkeypatch):
     """Inputs of FUSED_MIN_ELEMENTS or more take torch_bn.fused (spied on), smaller ones the
-    reference ops. Over 5 float32 training steps and eval, every output, gradient and buffer is
-    within 2x (+1e-6) of nn.BatchNorm's own float32 error against float64 nn.BatchNorm: sums over
-    18k values round differently, so the two float32 results need not agree bit for bit."""
+    reference ops. Over 5 training steps and eval (float32, and bfloat16 input with float32
+    parameters), every output, gradient and buffer is within 2x (+1e-6) of nn.BatchNorm's own
+    error against float64 nn.BatchNorm: sums over 18k values round differently, so the results
+    need not agree bit for bit."""
     calls = []
     for name in ("forward_train", "closed_form_backward"):
         real = getattr(torch_bn.fused, name)
@@ -102,13 +106,14 @@ def test_fused_path_from_its_size_up_is_as_accurate_as_torch_nn(kind, shape, fus
         if step == 5:
             for m in (ours, theirs, exact):
                 m.eval()
-        x = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1
-        dy = torch.randn(shape, generator=g, dtype=torch.float64)
+        # Inputs rounded to dtype first, so that float64 sees exactly what the others see.
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype).double()
+        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).double()
         results = []
-        for m, dtype in ((ours, torch.float32), (theirs, torch.float32), (exact, torch.float64)):
-            xm = x.to(dtype).requires_grad_()
+        for m, in_dtype in ((ours, dtype), (theirs, dtype), (exact, torch.float64)):
+            xm = x.to(in_dtype).requires_grad_()
             y = m(xm)
-            grads = torch.autograd.grad(y, (xm, m.weight, m.bias), dy.to(dtype))
+            grads = torch.autograd.grad(y, (xm, m.weight, m.bias), dy.to(in_dtype))
             results.append([y, *grads, m.running_mean, m.running_var])
         for a, b, ref in zip(*results):
             err_ours, err_theirs = (a.double() - ref).abs().max(), (b.double() - ref).abs().max()
