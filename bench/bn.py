@@ -66,20 +66,25 @@ def copy_bandwidth(device: str, measure) -> float:
     return 2 * src.numel() * 4 / measure({"copy": lambda: dst.copy_(src)})["copy"]
 
 
-def implementations(c: int, device: str) -> dict[str, nn.Module]:
+def implementations(shape: tuple[int, ...], device: str) -> dict[str, nn.Module]:
+    """BatchNorm1d for (N, C) and (N, C, L) shapes, BatchNorm2d for (N, C, H, W)."""
+    ours, theirs = (torch_bn.BatchNorm2d, nn.BatchNorm2d) if len(shape) == 4 else (torch_bn.BatchNorm1d, nn.BatchNorm1d)
+    c = shape[1]
     return {
-        "native": nn.BatchNorm1d(c, device=device),
-        "torch_bn": torch_bn.BatchNorm1d(c, device=device),
-        "staged": torch_bn.BatchNorm1d(c, device=device, backward="staged"),
+        "native": theirs(c, device=device),
+        "torch_bn": ours(c, device=device),
+        "staged": ours(c, device=device, backward="staged"),
     }
 
 
-def bench_shape(shape, dtype, device, measure, bandwidth) -> dict:
-    x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
-    dy = torch.randn(shape, device=device, dtype=dtype)
-    row: dict = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "mib": x.numel() * x.element_size() / 2**20}
+def bench_shape(shape, dtype, device, measure, bandwidth, channels_last: bool = False) -> dict:
+    layout = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+    dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+    row: dict = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "mib": x.numel() * x.element_size() / 2**20,
+                 "channels_last": layout is torch.channels_last}
     forward, forward_backward, backward = {}, {}, {}
-    for name, m in implementations(shape[1], device).items():
+    for name, m in implementations(shape, device).items():
         def fwd(m=m):
             with torch.no_grad():
                 m(x)
@@ -109,6 +114,10 @@ def bench_shape(shape, dtype, device, measure, bandwidth) -> dict:
     return row
 
 
+def label(row: dict) -> str:
+    return "x".join(map(str, row["shape"])) + (" (channels-last)" if row.get("channels_last") else "")
+
+
 def print_table(rows: list[dict]) -> None:
     head = (f"{'shape':>15} {'dtype':>8} {'MiB':>6} | {'fwd native':>10} {'torch_bn':>9} {'ratio':>6} | "
             f"{'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'%bound':>6} {'nat %bnd':>8} | {'bwd cf':>9} {'staged':>9} {'staged/cf':>9}")
@@ -116,7 +125,7 @@ def print_table(rows: list[dict]) -> None:
     print("-" * len(head))
     for r in rows:
         ms = lambda k: f"{1e3 * r[k]:>8.3f}ms"  # noqa: E731
-        print(f"{'x'.join(map(str, r['shape'])):>15} {r['dtype']:>8} {r['mib']:>6.1f} | "
+        print(f"{label(r):>15} {r['dtype']:>8} {r['mib']:>6.1f} | "
               f"{ms('native_fwd_s'):>10} {ms('torch_bn_fwd_s'):>9} {r['torch_bn_fwd_s'] / r['native_fwd_s']:>6.2f} | "
               f"{ms('native_fwdbwd_s'):>10} {ms('torch_bn_fwdbwd_s'):>9} "
               f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:>6.2f} "
@@ -132,7 +141,7 @@ def markdown_table(rows: list[dict]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(
-            f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['mib']:.1f} | {1e3 * r['native_fwd_s']:.3f} | "
+            f"| {label(r)} | {r['dtype']} | {r['mib']:.1f} | {1e3 * r['native_fwd_s']:.3f} | "
             f"{1e3 * r['torch_bn_fwd_s']:.3f} | {r['torch_bn_fwd_s'] / r['native_fwd_s']:.2f} | "
             f"{1e3 * r['native_fwdbwd_s']:.3f} | {1e3 * r['torch_bn_fwdbwd_s']:.3f} | "
             f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:.2f} | "
@@ -146,7 +155,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), action="append",
                    help="repeatable; default both")
-    p.add_argument("--shapes", help="e.g. 4096x1024,256x65536 (default: the issue's list)")
+    p.add_argument("--shapes", help="e.g. 4096x1024,256x65536 (default: the issue's list); "
+                                    "NxCxHxW shapes use BatchNorm2d")
+    p.add_argument("--channels-last", action="store_true", help="NxCxHxW inputs in channels-last layout")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
@@ -160,7 +171,7 @@ def main() -> None:
                else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"device: {machine}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"{time.strftime('%Y-%m-%d')}")
-    rows = [bench_shape(s, dt, args.device, measure, bandwidth) for dt in dtypes for s in shapes]
+    rows = [bench_shape(s, dt, args.device, measure, bandwidth, args.channels_last) for dt in dtypes for s in shapes]
     print_table(rows)
     if args.markdown:
         print(markdown_table(rows))

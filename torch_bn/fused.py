@@ -39,8 +39,19 @@ ONE_PASS_MAX_MEAN_RSTD = 4.0
 _scratch = threading.local()
 
 
+def _dense_strides(t: Tensor) -> list[int]:
+    """Strides of a dense tensor shaped like t with t's order of dimensions in memory, as
+    torch.empty_like gives: element-wise ops between t and such a buffer (channels-last ones
+    included) then walk both in the same order instead of transposing."""
+    strides, step = [0] * t.dim(), 1
+    for d in sorted(range(t.dim()), key=t.stride):  # fastest-moving dimension first
+        strides[d] = step
+        step *= t.shape[d]
+    return strides
+
+
 def _scratch_buffer(name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A contiguous buffer shaped like ``like``, reused across calls (up to 4 slabs' worth)."""
+    """A buffer shaped and laid out like ``like``, reused across calls (up to 4 slabs' worth)."""
     pool = _scratch.__dict__.setdefault("pool", {})
     key, n = (name, dtype, like.device), like.numel()
     flat = pool.get(key)
@@ -50,7 +61,7 @@ def _scratch_buffer(name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
         # allocator already reuses memory, and knows which stream last used it.
         if n <= 4 * SLAB_ELEMENTS and like.device.type == "cpu":
             pool[key] = flat
-    return flat[:n].view(like.shape)
+    return flat[:n].as_strided(like.shape, _dense_strides(like))
 
 
 class _Slabs:
