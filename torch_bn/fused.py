@@ -116,6 +116,18 @@ class _Slabs:
         return total.sum(self.dims), total_ab.sum(self.dims)
 
 
+def _affine(x: Tensor, scale_c: Tensor, shift_c: Tensor, out: Tensor) -> Tensor:
+    """out = x * scale + shift with per-channel (1, C, 1, ...) scale and shift (out may be x).
+
+    One addcmul, except where channels are not the fastest-moving dimension (NCHW-like input):
+    there PyTorch's CPU addcmul, with two operands broadcast along the inner dimension, leaves
+    its vectorized loop (2-3x slower at 2x256x14x14) and mul then add_ costs less.
+    """
+    if x.dim() > 2 and x.stride(1) != 1:
+        return torch.mul(x, scale_c, out=out).add_(shift_c)
+    return torch.addcmul(shift_c, x, scale_c, out=out)
+
+
 def one_pass_ok(mean: Tensor, rstd: Tensor) -> bool:
     """Whether the one-pass formulas are accurate here: every |mean| * rstd <= the bound."""
     return mean.numel() == 0 or bool((mean.abs() * rstd).amax() <= ONE_PASS_MAX_MEAN_RSTD)
@@ -150,14 +162,14 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         shift = shift - mean * scale
     scale_c, shift_c = as_channel(scale, x), as_channel(shift, x)
     if not exact and not s.half:
-        return torch.addcmul(shift_c, x, scale_c, out=y), mean, var
+        return _affine(x, scale_c, shift_c, out=y), mean, var
     for xs, ys in zip(s.of(x), s.of(y)):
         if exact:  # x - mean, written where y goes (or a float buffer for half precision)
             xs = s.centred(xs, mean_c, out=None if s.half else ys)
-            torch.addcmul(shift_c, xs, scale_c, out=xs)  # in place: xs is ys or our buffer
+            _affine(xs, scale_c, shift_c, out=xs)  # in place: xs is ys or our buffer
         else:  # half precision, in a float32 copy
             xs = s.compute(xs, "a")
-            torch.addcmul(shift_c, xs, scale_c, out=xs)
+            _affine(xs, scale_c, shift_c, out=xs)
         if s.half:
             ys.copy_(xs)
     return y, mean, var
@@ -196,7 +208,7 @@ def closed_form_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     for xs, dys, dxs in zip(s.of(x), s.of(dy), s.of(dx)):
         out = s.buffer("dx", dxs) if s.half else dxs
         xs = s.centred(xs, mean_c) if exact else s.compute(xs, "a")
-        torch.addcmul(c_c, xs, b_c, out=out).addcmul_(s.compute(dys, "b"), a_c)
+        _affine(xs, b_c, c_c, out=out).addcmul_(s.compute(dys, "b"), a_c)
         if s.half:
             dxs.copy_(out)
     return dx, dweight, dbias
