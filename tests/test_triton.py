@@ -155,6 +155,29 @@ def test_triton_path_is_taken(triton_everywhere, monkeypatch):
     assert calls == [torch.Size([4, 3])]
 
 
+def test_triton_can_be_switched_off(triton_everywhere, monkeypatch):
+    # USE_TRITON = False (TORCH_BN_TRITON=0) sends the same tensors to the tensor-op paths instead.
+    calls = []
+    monkeypatch.setattr(torch.ops.torch_bn, "triton_forward", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(function, "USE_TRITON", False)
+    x = torch.randn(4, 3, device=DEVICE)
+    y = torch_bn.BatchNorm1d(3, device=DEVICE)(x)
+    assert calls == []
+    torch.testing.assert_close(y, nn.BatchNorm1d(3, device=DEVICE)(x))
+
+
+def test_triton_switch_reads_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch_bn.function as f; print(f.USE_TRITON)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outputs = [subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_BN_TRITON": v}, cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip() for v in ("0", "1")]
+    assert outputs == ["False", "True"]
+
+
 def test_compile_fullgraph_with_triton_custom_ops(triton_everywhere):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), torch_bn.BatchNorm1d(5), nn.ReLU()).to(DEVICE)

@@ -9,12 +9,17 @@ torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from . import fused, ops
 
 TRITON_ON_CPU = False  # tests set this (with TRITON_INTERPRET=1) to run the kernels on CPU tensors
+# TORCH_BN_TRITON=0 in the environment (or USE_TRITON = False) keeps CUDA tensors on the tensor-op
+# paths: an escape hatch should the kernels misbehave on some GPU, and a baseline to compare with.
+USE_TRITON = os.environ.get("TORCH_BN_TRITON", "1") != "0"
 FUSED_MIN_ELEMENTS = 1 << 17  # smaller inputs take the reference ops (see _use_fused)
 
 
@@ -33,7 +38,7 @@ def _triton_kernels():
 
 
 def _use_triton(x: Tensor) -> bool:
-    if not (x.is_cuda or TRITON_ON_CPU) or torch._C._are_functorch_transforms_active():
+    if not USE_TRITON or not (x.is_cuda or TRITON_ON_CPU) or torch._C._are_functorch_transforms_active():
         return False
     return _triton_kernels() is not None
 
