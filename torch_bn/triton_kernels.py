@@ -11,14 +11,14 @@ Forward, three launches:
 2. ``_stats_combine``: merges the chunks' (count, mean, M2) per channel (Chan et al.: mean of
    means, then M2 = sum(M2_p + n_p (mean_p - mean)^2)), a tile of chunks at a time, and
    writes mean, var, rstd.
-So the forward reads x twice and writes y once: the two-pass bound.
-When a whole column block fits one tile (R up to SMALL_ELEMENTS rows), ``_small_forward`` and
-``_small_backward`` do everything in one launch each, from one read of the data: the
-one-pass bound, and a third of the launches for the small, launch-bound shapes.
 3. ``_normalize``: y = (x - mean) * (rstd * weight) + bias.
+So the forward reads x twice and writes y once: the two-pass bound.
 Backward, three launches: ``_backward_partial`` (per chunk: sum(dy), sum(dy * xhat)),
 ``_backward_combine`` (sums the chunks: dbias, dweight), ``_backward_dx`` (the closed form
 dx = weight * rstd * (dy - dbias / M - xhat * dweight / M)).
+When a whole column block fits one tile (R up to SMALL_ELEMENTS rows), ``_small_forward`` and
+``_small_backward`` do everything in one launch each, from one read of the data: the
+one-pass bound, and a third of the launches for the small, launch-bound shapes.
 All arithmetic is float32 whatever the input dtype. The kernels are registered as
 torch.library custom ops (``torch.ops.torch_bn.triton_forward`` / ``triton_backward``) so that
 ``torch.compile`` treats them as opaque calls.
@@ -38,15 +38,41 @@ def _offsets(rows, cols, C, L):
 
 
 @triton.jit
+def _columns(pid_c, C, BLOCK_C: tl.constexpr):
+    # This program's block of channels, and which of them exist.
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C
+
+
+@triton.jit
+def _row_chunk(pid_r, R, ROWS_PER_PROG):
+    # This program's rows [r0, r_end) of the chunked grid.
+    r0 = pid_r * ROWS_PER_PROG
+    return r0, tl.minimum(r0 + ROWS_PER_PROG, R)
+
+
+@triton.jit
+def _per_channel(PTR, cols, cmask):
+    # A (C,) vector's entries for these channels, as float32.
+    return tl.load(PTR + cols, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _times_weight(v, W, cols, cmask, HAS_W: tl.constexpr):
+    # v * weight per channel (v itself without affine weight).
+    if HAS_W:
+        v *= _per_channel(W, cols, cmask)
+    return v
+
+
+@triton.jit
 def _stats_partial(X, PMEAN, PM2, R, C, L, ROWS_PER_PROG,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # One sweep over this program's rows: each of the BLOCK_R row lanes keeps its own Welford
     # state (count, mean, M2) per channel, updated elementwise; the lanes are merged at the end.
-    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    r0 = pid_r * ROWS_PER_PROG
-    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+    pid_r = tl.program_id(0)
+    cols, cmask = _columns(tl.program_id(1), C, BLOCK_C)
+    r0, r_end = _row_chunk(pid_r, R, ROWS_PER_PROG)
     count = tl.zeros([BLOCK_R, 1], dtype=tl.float32)
     mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -68,22 +94,27 @@ def _stats_partial(X, PMEAN, PM2, R, C, L, ROWS_PER_PROG,
 
 
 @triton.jit
+def _chunk_sizes(ps, R, ROWS_PER_PROG):
+    # Rows in chunks ps (the last chunk may be short, chunks past the end have none), (P, 1).
+    return tl.maximum(tl.minimum(ROWS_PER_PROG, R - ps * ROWS_PER_PROG), 0).to(tl.float32)[:, None]
+
+
+@triton.jit
 def _stats_combine(PMEAN, PM2, MEAN, VAR, RSTD, P, R, C, ROWS_PER_PROG, eps,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # Chan et al.'s merge of the programs' (count, mean, M2), BLOCK_P partials at a time.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _columns(tl.program_id(0), C, BLOCK_C)
     total = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        n_p = tl.maximum(tl.minimum(ROWS_PER_PROG, R - ps * ROWS_PER_PROG), 0).to(tl.float32)[:, None]
+        n_p = _chunk_sizes(ps, R, ROWS_PER_PROG)
         mask = (ps < P)[:, None] & cmask[None, :]
         total += n_p * tl.load(PMEAN + ps[:, None] * C + cols[None, :], mask=mask, other=0.0)
     mean = tl.sum(total, axis=0) / R
     m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        n_p = tl.maximum(tl.minimum(ROWS_PER_PROG, R - ps * ROWS_PER_PROG), 0).to(tl.float32)[:, None]
+        n_p = _chunk_sizes(ps, R, ROWS_PER_PROG)
         mask = (ps < P)[:, None] & cmask[None, :]
         off = ps[:, None] * C + cols[None, :]
         d = tl.where(mask, tl.load(PMEAN + off, mask=mask, other=0.0) - mean[None, :], 0.0)
@@ -97,18 +128,13 @@ def _stats_combine(PMEAN, PM2, MEAN, VAR, RSTD, P, R, C, ROWS_PER_PROG, eps,
 @triton.jit
 def _normalize(X, Y, MEAN, RSTD, W, B, R, C, L, ROWS_PER_PROG,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
-    scale = tl.load(RSTD + cols, mask=cmask, other=0.0)
-    if HAS_W:
-        scale *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    cols, cmask = _columns(tl.program_id(1), C, BLOCK_C)
+    mean = _per_channel(MEAN, cols, cmask)
+    scale = _times_weight(_per_channel(RSTD, cols, cmask), W, cols, cmask, HAS_W)
     shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_B:
-        shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    r0 = pid_r * ROWS_PER_PROG
-    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+        shift = _per_channel(B, cols, cmask)
+    r0, r_end = _row_chunk(tl.program_id(0), R, ROWS_PER_PROG)
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < r_end)[:, None] & cmask[None, :]
@@ -121,15 +147,13 @@ def _normalize(X, Y, MEAN, RSTD, W, B, R, C, L, ROWS_PER_PROG,
 @triton.jit
 def _backward_partial(DY, X, MEAN, RSTD, PDB, PDW, R, C, L, ROWS_PER_PROG,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0)
+    pid_r = tl.program_id(0)
+    cols, cmask = _columns(tl.program_id(1), C, BLOCK_C)
+    mean = _per_channel(MEAN, cols, cmask)
+    rstd = _per_channel(RSTD, cols, cmask)
     db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    r0 = pid_r * ROWS_PER_PROG
-    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+    r0, r_end = _row_chunk(pid_r, R, ROWS_PER_PROG)
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < r_end)[:, None] & cmask[None, :]
@@ -144,8 +168,7 @@ def _backward_partial(DY, X, MEAN, RSTD, PDB, PDW, R, C, L, ROWS_PER_PROG,
 
 @triton.jit
 def _backward_combine(PDB, PDW, DB, DW, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _columns(tl.program_id(0), C, BLOCK_C)
     db = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     dw = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
@@ -161,18 +184,13 @@ def _backward_combine(PDB, PDW, DB, DW, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl
 @triton.jit
 def _backward_dx(DY, X, DX, MEAN, RSTD, W, DB, DW, R, C, L, ROWS_PER_PROG,
                  HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0)
-    g = rstd
-    if HAS_W:
-        g *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    db_m = tl.load(DB + cols, mask=cmask, other=0.0) / R
-    dw_m = tl.load(DW + cols, mask=cmask, other=0.0) / R
-    r0 = pid_r * ROWS_PER_PROG
-    r_end = tl.minimum(r0 + ROWS_PER_PROG, R)
+    cols, cmask = _columns(tl.program_id(1), C, BLOCK_C)
+    mean = _per_channel(MEAN, cols, cmask)
+    rstd = _per_channel(RSTD, cols, cmask)
+    g = _times_weight(rstd, W, cols, cmask, HAS_W)
+    db_m = _per_channel(DB, cols, cmask) / R
+    dw_m = _per_channel(DW, cols, cmask) / R
+    r0, r_end = _row_chunk(tl.program_id(0), R, ROWS_PER_PROG)
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows < r_end)[:, None] & cmask[None, :]
@@ -188,8 +206,7 @@ def _small_forward(X, Y, MEAN, VAR, W, B, R, C, L, eps,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Whole columns fit in one program: load x once, exact two-pass statistics in registers,
     # normalize and store. One launch; one read and one write of x.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _columns(tl.program_id(0), C, BLOCK_C)
     rows = tl.arange(0, BLOCK_R)
     mask = (rows < R)[:, None] & cmask[None, :]
     off = _offsets(rows, cols, C, L)
@@ -197,12 +214,10 @@ def _small_forward(X, Y, MEAN, VAR, W, B, R, C, L, eps,
     mean = tl.sum(x, axis=0) / R
     d = tl.where(mask, x - mean[None, :], 0.0)
     var = tl.sum(d * d, axis=0) / R
-    scale = 1.0 / tl.sqrt(var + eps)
-    if HAS_W:
-        scale *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale = _times_weight(1.0 / tl.sqrt(var + eps), W, cols, cmask, HAS_W)
     y = d * scale[None, :]
     if HAS_B:
-        y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        y += _per_channel(B, cols, cmask)[None, :]
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + cols, mean, mask=cmask)
     tl.store(VAR + cols, var, mask=cmask)
@@ -212,20 +227,17 @@ def _small_forward(X, Y, MEAN, VAR, W, B, R, C, L, eps,
 def _small_backward(DY, X, DX, MEAN, RSTD, W, DB, DW, R, C, L,
                     HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Whole columns in one program: both reductions and dx from one read of dy and x.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask = _columns(tl.program_id(0), C, BLOCK_C)
     rows = tl.arange(0, BLOCK_R)
     mask = (rows < R)[:, None] & cmask[None, :]
     off = _offsets(rows, cols, C, L)
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0)
+    mean = _per_channel(MEAN, cols, cmask)
+    rstd = _per_channel(RSTD, cols, cmask)
     dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
     db = tl.sum(dy, axis=0)
     dw = tl.sum(dy * xhat, axis=0)
-    g = rstd
-    if HAS_W:
-        g *= tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    g = _times_weight(rstd, W, cols, cmask, HAS_W)
     dx = g[None, :] * (dy - db[None, :] / R - xhat * dw[None, :] / R)
     tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DB + cols, db, mask=cmask)
