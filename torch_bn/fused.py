@@ -92,8 +92,9 @@ class _Slabs:
             return out.copy_(slab).sub_(mean_c)
         return torch.sub(slab, mean_c, out=out)
 
-    def dot_sums(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """Per channel sum(b) and sum(a * b), in one sweep over the slabs of a and b.
+    def dot_sums(self, a: Tensor, b: Tensor, a_mean_c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per channel sum(b) and sum(a * b), in one sweep over the slabs of a and b; with
+        a_mean_c, a - mean stands for a (and for b too when b is a).
 
         Each slab is added element-wise into two slab-shaped accumulators (add_, addcmul_: no
         product is ever written out), which are reduced once at the end. Each accumulator
@@ -102,8 +103,8 @@ class _Slabs:
         """
         total = total_ab = None
         for a_slab, b_slab in zip(self.of(a), self.of(b)):
-            bs = self.compute(b_slab, "b")
-            as_ = bs if a is b else self.compute(a_slab, "a")
+            as_ = self.compute(a_slab, "a") if a_mean_c is None else self.centred(a_slab, a_mean_c)
+            bs = as_ if a is b else self.compute(b_slab, "b")
             if total is None:
                 total = self.buffer("total", bs).copy_(bs)
                 total_ab = torch.mul(as_, bs, out=self.buffer("total_ab", bs))
@@ -149,12 +150,8 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     rstd = torch.rsqrt(var + eps)
     exact = not one_pass_ok(mean, rstd)
     mean_c = as_channel(mean, x)
-    if exact:
-        var.zero_()
-        for xs in s.of(x):
-            xmu = s.centred(xs, mean_c)
-            var += xmu.mul_(xmu).sum(s.dims)
-        var /= m
+    if exact:  # a second sweep: sum((x - mean)^2)
+        var = s.dot_sums(x, x, mean_c)[1] / m
         rstd = torch.rsqrt(var + eps)
     scale = rstd if weight is None else rstd * weight.to(s.dtype)
     shift = torch.zeros_like(mean) if bias is None else bias.to(s.dtype)
@@ -164,12 +161,10 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     if not exact and not s.half:
         return _affine(x, scale_c, shift_c, out=y), mean, var
     for xs, ys in zip(s.of(x), s.of(y)):
-        if exact:  # x - mean, written where y goes (or a float buffer for half precision)
-            xs = s.centred(xs, mean_c, out=None if s.half else ys)
-            _affine(xs, scale_c, shift_c, out=xs)  # in place: xs is ys or our buffer
-        else:  # half precision, in a float32 copy
-            xs = s.compute(xs, "a")
-            _affine(xs, scale_c, shift_c, out=xs)
+        # x - mean (exact) or a float32 copy of half-precision x, written where y goes or into
+        # a buffer, then scaled and shifted in place.
+        xs = s.centred(xs, mean_c, out=None if s.half else ys) if exact else s.compute(xs, "a")
+        _affine(xs, scale_c, shift_c, out=xs)
         if s.half:
             ys.copy_(xs)
     return y, mean, var
@@ -188,16 +183,9 @@ def closed_form_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     m = x.numel() // x.shape[1]
     exact = not one_pass_ok(mean, rstd)
     mean_c = as_channel(mean, x)
-    if exact:
-        dbias = torch.zeros_like(mean)
-        dot = torch.zeros_like(mean)  # sum(dy * (x - mean))
-        for xs, dys in zip(s.of(x), s.of(dy)):
-            d = s.compute(dys, "b")
-            dbias += d.sum(s.dims)
-            dot += s.centred(xs, mean_c).mul_(d).sum(s.dims)
-    else:
-        dbias, dot = s.dot_sums(x, dy)
-        dot -= mean * dbias
+    dbias, dot = s.dot_sums(x, dy, mean_c if exact else None)
+    if not exact:
+        dot -= mean * dbias  # sum(dy * x) - mean * sum(dy) = sum(dy * (x - mean))
     dweight = dot * rstd  # sum(dy * xhat)
     a = rstd if weight is None else rstd * weight.to(s.dtype)
     b = -a * rstd * dweight / m
