@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import torch_bn
 
@@ -77,37 +77,48 @@ def implementations(shape: tuple[int, ...], device: str) -> dict[str, nn.Module]
     }
 
 
+def forward_only(m: nn.Module, x: Tensor):
+    def run():
+        with torch.no_grad():
+            m(x)
+    return run
+
+
+def forward_backward(m: nn.Module, x: Tensor, dy: Tensor):
+    def run():
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+        m(x).backward(dy)
+    return run
+
+
+def backward_only(m: nn.Module, x: Tensor, dy: Tensor):
+    """The backward alone, as the notebook times it: through one graph, kept from one forward."""
+    y = m(x)
+
+    def run():
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+        y.backward(dy, retain_graph=True)
+    return run
+
+
 def bench_shape(shape, dtype, device, measure, bandwidth, channels_last: bool = False) -> dict:
     layout = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     row: dict = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "mib": x.numel() * x.element_size() / 2**20,
                  "channels_last": layout is torch.channels_last}
-    forward, forward_backward, backward = {}, {}, {}
-    for name, m in implementations(shape, device).items():
-        def fwd(m=m):
-            with torch.no_grad():
-                m(x)
-
-        def fwd_bwd(m=m):
-            x.grad = None
-            m.zero_grad(set_to_none=True)
-            m(x).backward(dy)
-
-        def bwd(m=m, y=m(x) if name != "native" else None):  # the backward alone, as the notebook times it
-            x.grad = None
-            m.zero_grad(set_to_none=True)
-            y.backward(dy, retain_graph=True)  # through one graph, kept from the forward above
-
-        forward[name], forward_backward[name], backward[name] = fwd, fwd_bwd, bwd
+    m = implementations(shape, device)
     # native and torch_bn are timed in turns on the same inputs. The two backwards are timed
     # one after the other instead: the staged one churns the heap (a dozen full-size
     # temporaries), which would make the next call page-fault its output back in.
-    for kind, fns in (("fwd", forward), ("fwdbwd", forward_backward)):
-        times = measure({k: fns[k] for k in ("native", "torch_bn")})
+    for kind, fns in (("fwd", {k: forward_only(m[k], x) for k in ("native", "torch_bn")}),
+                      ("fwdbwd", {k: forward_backward(m[k], x, dy) for k in ("native", "torch_bn")})):
+        times = measure(fns)
         row[f"native_{kind}_s"], row[f"torch_bn_{kind}_s"] = times["native"], times["torch_bn"]
     for k in ("torch_bn", "staged"):
-        row[f"{k}_bwd_s"] = measure({k: backward[k]})[k]
+        row[f"{k}_bwd_s"] = measure({k: backward_only(m[k], x, dy)})[k]
     nbytes = x.numel() * x.element_size()
     row["bound_fwdbwd_s"] = ACCESSES_FWD_BWD * nbytes / bandwidth
     row["bound_fwd_s"] = ACCESSES_FWD * nbytes / bandwidth

@@ -19,10 +19,8 @@ import math
 import time
 
 import torch
-from torch import nn
 
-import torch_bn
-from bench.bn import timer
+from bench.bn import forward_backward, implementations, timer
 from torch_bn import function
 
 CHUNKED = {"PROGRAMS_PER_SM": [2, 4, 8], "TILE_ELEMENTS": [2048, 4096, 8192]}
@@ -70,19 +68,11 @@ def main() -> None:
             break
         x = torch.randn(shape, device=args.device, dtype=dtype).requires_grad_()
         dy = torch.randn(shape, device=args.device, dtype=dtype)
-        native, ours = nn.BatchNorm1d(shape[1], device=args.device), torch_bn.BatchNorm1d(shape[1], device=args.device)
-
-        def fwd_bwd(m):
-            def run():
-                x.grad = None
-                m.zero_grad(set_to_none=True)
-                m(x).backward(dy)
-            return run
-
+        m = implementations(shape, args.device)
         row = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "ratios": []}
         for setting in tries:
             apply(setting, kernels, defaults)
-            times = measure({"native": fwd_bwd(native), "torch_bn": fwd_bwd(ours)})
+            times = measure({k: forward_backward(m[k], x, dy) for k in ("native", "torch_bn")})
             row["ratios"].append(times["torch_bn"] / times["native"])
         apply({}, kernels, defaults)
         rows.append(row)
