@@ -268,7 +268,6 @@ class Trainer:
         return summary
 
 
-
 def run(config: TrainConfig, data: CIFAR10Data, run_dir: str, *, progress: bool = True, resume: bool = False) -> dict:
     """Train one run and return its summary; with resume, a finished run's summary is read back
     and an unfinished one continues from its checkpoint."""
