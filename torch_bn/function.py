@@ -1,15 +1,16 @@
 """``BatchNormFunction``: training-mode batch norm as a custom autograd Function.
 
 Forward and backward are the hand-written math of :mod:`torch_bn.ops` (the reference). Where
-autograd is not recording, the same math runs faster: CUDA tensors go to the Triton kernels of
-:mod:`torch_bn.triton_kernels`, others of FUSED_MIN_ELEMENTS or more to the slab-fused tensor
-ops of :mod:`torch_bn.fused`.
+that is safe, the same math runs faster: :func:`choose_path` holds the one rule that picks
+between the reference ops, the slab-fused tensor ops of :mod:`torch_bn.fused` (CPU) and the
+Triton kernels of :mod:`torch_bn.triton_kernels` (CUDA), for the forward and the backward alike.
 The Function uses the ``forward`` + ``setup_context`` style so that it composes with
 torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -20,40 +21,71 @@ TRITON_ON_CPU = False  # tests set this (with TRITON_INTERPRET=1) to run the ker
 # TORCH_BN_TRITON=0 in the environment (or USE_TRITON = False) keeps CUDA tensors on the tensor-op
 # paths: an escape hatch should the kernels misbehave on some GPU, and a baseline to compare with.
 USE_TRITON = os.environ.get("TORCH_BN_TRITON", "1") != "0"
-FUSED_MIN_ELEMENTS = 1 << 17  # smaller inputs take the reference ops (see _use_fused)
+# Below this size the fused path's bookkeeping (a dozen small per-channel ops, the one-pass check)
+# costs more than the full-size temporaries of the reference ops it avoids (forward+backward,
+# 2-core CPU: 100x500 0.51 vs 0.71 ms, 512x512 1.95 vs 1.31 ms).
+FUSED_MIN_ELEMENTS = 1 << 17
+# The kernels compute in float32: float64 input keeps its precision on the tensor-op paths.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+PATHS = ("reference", "fused", "triton")
 
-_kernels = None  # torch_bn.triton_kernels once imported, False where Triton is missing
+_kernels = None  # torch_bn.triton_kernels once imported, False where it cannot be
 
 
 def _triton_kernels():
-    """The Triton kernels module, imported on first use (importing Triton is slow); None without Triton."""
+    """The Triton kernels module, imported on first use (importing Triton is slow); None where
+    Triton is missing or the kernels cannot be registered on this PyTorch (one warning)."""
     global _kernels
     if _kernels is None:
         try:
             from . import triton_kernels as _kernels
-        except ImportError:
+        except ImportError as e:
+            if (getattr(e, "name", None) or "").split(".")[0] != "triton":  # no Triton: normal on CPU
+                warnings.warn(f"torch_bn: the Triton kernels cannot be imported ({e}); CUDA tensors "
+                              f"take the tensor-op path", RuntimeWarning, stacklevel=3)
+            _kernels = False
+        except Exception as e:  # e.g. a PyTorch whose custom-op registration rejects the kernels
+            warnings.warn(f"torch_bn: the Triton kernels cannot be registered ({type(e).__name__}: {e}); "
+                          f"CUDA tensors take the tensor-op path", RuntimeWarning, stacklevel=3)
             _kernels = False
     return _kernels or None
 
 
-def _use_triton(x: Tensor) -> bool:
-    if not USE_TRITON or not (x.is_cuda or TRITON_ON_CPU) or torch._C._are_functorch_transforms_active():
-        return False
-    return _triton_kernels() is not None
+def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = False) -> str:
+    """Which implementation computes this call: "reference", "fused" or "triton".
 
+    Forward and backward both ask; x is the input (saved x in the backward). The first row that
+    matches decides:
 
-def _use_fused(x: Tensor) -> bool:
-    # The fused paths write into buffers they allocate (out=, in place) in a Python loop over
-    # slabs: under torch.func transforms those would be wrapped tensors, and torch.compile
-    # would unroll the loop, while its own fusion does the same job. Both get the reference
-    # (checked first, so that the compiler sees no size test to guard on).
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-        return False
-    # Below FUSED_MIN_ELEMENTS the fused path's bookkeeping (a dozen small per-channel ops, the
-    # one-pass check) costs more than the full-size temporaries of the reference ops it avoids
-    # (forward+backward, 2-core CPU: 100x500 0.51 vs 0.71 ms, 512x512 1.95 vs 1.31 ms).
-    return x.numel() >= FUSED_MIN_ELEMENTS
+    ===========================================  ===========  ==========================================
+    condition                                    path         why
+    ===========================================  ===========  ==========================================
+    backward with ``staged`` (node-by-node)      reference    it exists to be read and compared
+    double backward (autograd recording)         reference    only the reference ops are differentiable
+    torch.func transform active (vmap, grad...)  reference    fast paths write into their own buffers
+    Triton switched on (``USE_TRITON``), CUDA    triton       one kernel sweep per pass
+    tensor, float32/float16/bfloat16, kernels
+    importable
+    ``torch.compile`` tracing                    reference    the compiler fuses the ops itself
+    ``x.numel() >= FUSED_MIN_ELEMENTS``          fused        fewer trips through memory
+    otherwise (small inputs, float64 on CUDA)    reference    fewer, larger ops cost less there
+    ===========================================  ===========  ==========================================
+
+    The fused paths write into buffers they allocate (out=, in place) in a Python loop over
+    slabs: under torch.func transforms those would be wrapped tensors, and torch.compile would
+    unroll the loop. Transforms and compilation are checked before the size, so that the
+    compiler sees no size test to guard on. The Triton kernels are custom ops, opaque to
+    torch.compile, so compiled CUDA code still calls them.
+    """
+    if staged or double_backward or torch._C._are_functorch_transforms_active():
+        return "reference"
+    if (USE_TRITON and (x.is_cuda or TRITON_ON_CPU) and x.dtype in TRITON_DTYPES
+            and _triton_kernels() is not None):
+        return "triton"
+    if torch.compiler.is_compiling():
+        return "reference"
+    return "fused" if x.numel() >= FUSED_MIN_ELEMENTS else "reference"
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -71,9 +103,10 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 backward: str = "closed_form") -> tuple[Tensor, Tensor, Tensor]:
-        if _use_triton(x):
+        path = choose_path(x)
+        if path == "triton":
             return tuple(torch.ops.torch_bn.triton_forward(x, weight, bias, eps))
-        if _use_fused(x):
+        if path == "fused":
             return fused.forward_train(x, weight, bias, eps)
         mean, var = ops.batch_stats(x)
         return ops.normalize(x, mean, torch.rsqrt(var + eps), weight, bias), mean, var
@@ -100,10 +133,10 @@ class BatchNormFunction(torch.autograd.Function):
             # instead of using the forward's constants.
             mean, var = ops.batch_stats(x)
         rstd = torch.rsqrt(var + ctx.eps)
-        fast = ctx.backward == "closed_form" and not double_backward
-        if fast and _use_triton(x):
+        path = choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward)
+        if path == "triton":
             dx, dweight, dbias = torch.ops.torch_bn.triton_backward(dy, x, mean, rstd, weight)
-        elif fast and _use_fused(x):
+        elif path == "fused":
             dx, dweight, dbias = fused.closed_form_backward(dy, x, mean, rstd, weight)
         else:
             xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
