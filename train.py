@@ -2,8 +2,8 @@
 
     python train.py --batchnorm                                   # one run with torch_bn.BatchNorm1d
     python train.py --compare                                     # torch_bn vs nn.BatchNorm1d vs none
-    python train.py --experiment deep                             # the seed's section 2 (+ figure)
-    python train.py --experiment weight-scale                     # the seed's section 3 (+ figure)
+    python train.py --experiment deep                             # the notebook's section 2 (+ figure)
+    python train.py --experiment weight-scale                     # the notebook's section 3 (+ figure)
     python train.py --resume runs/NAME                            # continue an interrupted run
     tensorboard --logdir runs                                     # the dashboards
 
@@ -18,10 +18,10 @@ import sys
 import time
 from dataclasses import asdict, fields
 
-from torch_bn import experiments
-from torch_bn.data import CIFAR10Data, DataError, load_cifar10
-from torch_bn.models import NORMS
-from torch_bn.training import OPTIMIZERS, RunExistsError, TrainConfig, run
+from cifar_bn import experiments
+from cifar_bn.data import CIFAR10Data, DataError, load_cifar10
+from cifar_bn.models import NORMS
+from cifar_bn.training import OPTIMIZERS, RunExistsError, TrainConfig, run
 
 RUN_FILE = "run.json"  # what was launched, so --resume can launch it again
 
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--batchnorm", action="store_true", help="use torch_bn.BatchNorm1d (same as --norm torch_bn)")
     what.add_argument("--norm", choices=NORMS, help="normalization after each hidden Linear (default: none)")
     what.add_argument("--compare", action="store_true", help="train torch_bn, torch and none into one dashboard")
-    what.add_argument("--experiment", choices=sorted(experiments.PRESETS), help="a seed experiment with its settings")
+    what.add_argument("--experiment", choices=sorted(experiments.PRESETS), help="an experiment of the notebook with its settings")
     what.add_argument("--num-scales", type=int, default=20, help="weight scales in --experiment weight-scale")
     what.add_argument("--resume", metavar="RUN_DIR", help="continue the run (or experiment) in RUN_DIR")
     model = p.add_argument_group("model and training (default: TrainConfig's, or the experiment's)")
@@ -102,6 +102,9 @@ def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: boo
         return experiments.compare(config, data, root, progress=progress, resume=resume)
     if mode == "deep":
         return experiments.deep(config, data, root, progress=progress, resume=resume)
+    if mode != "weight-scale":
+        raise ValueError(f"unknown mode {mode!r} in the launch plan; expected single, compare, "
+                         f"{' or '.join(sorted(experiments.PRESETS))}")
     results = experiments.weight_scale(config, data, root, progress=progress, resume=resume,
                                        num_scales=plan["num_scales"])
     return {f"{norm} @ scale {s['config']['weight_scale']:.2e}": s for norm, runs in results.items() for s in runs}

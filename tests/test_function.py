@@ -1,4 +1,4 @@
-"""BatchNormFunction and torch_bn.functional: gradients, the seed's checks, numerics."""
+"""BatchNormFunction and torch_bn.functional: gradients, the notebook's checks, numerics."""
 import numpy as np
 import pytest
 import torch
@@ -8,27 +8,14 @@ from torch.autograd import gradcheck, gradgradcheck
 import torch_bn
 from torch_bn.functional import batch_norm
 
+from helpers import float64_reference
+
 SHAPES = [(6, 3), (4, 3, 5), (3, 2, 3, 4)]
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The seed's relative error: max |a - b| / max(1e-8, |a| + |b|)."""
+    """The notebook's relative error: max |a - b| / max(1e-8, |a| + |b|)."""
     return ((a - b).abs() / (a.abs() + b.abs()).clamp_min(1e-8)).max().item()
-
-
-def float64_reference(x, weight, bias, eps):
-    """Batch norm straight from its definition, in float64 (mean, then centred variance)."""
-    x = x.double()
-    dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    var = ((x - mean) ** 2).mean(dims, keepdim=True)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    y = (x - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        y = y * weight.double().view(shape)
-    if bias is not None:
-        y = y + bias.double().view(shape)
-    return y
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -67,13 +54,13 @@ def test_function_matches_float64_definition(shape):
     assert not mean.requires_grad and not var.requires_grad
 
 
-def seed_activations(rng: np.random.RandomState, w1, w2, n=200, d1=50):
-    """The seed's two-layer activations a = relu(X W1) W2 for a fresh batch X."""
+def notebook_activations(rng: np.random.RandomState, w1, w2, n=200, d1=50):
+    """The notebook's two-layer activations a = relu(X W1) W2 for a fresh batch X."""
     x = rng.randn(n, d1)
     return torch.from_numpy(np.maximum(0, x.dot(w1)).dot(w2))
 
 
-def test_seed_train_forward_means_and_stds():
+def test_notebook_train_forward_means_and_stds():
     rng = np.random.RandomState(231)
     n, d1, d2, d3 = 200, 50, 60, 3
     x = rng.randn(n, d1)
@@ -92,17 +79,17 @@ def test_seed_train_forward_means_and_stds():
     torch.testing.assert_close(out.std(0, correction=0), gamma, rtol=0, atol=1e-6)
 
 
-def test_seed_test_time_forward_after_warmup():
+def test_notebook_test_time_forward_after_warmup():
     rng = np.random.RandomState(231)
     d1, d2, d3 = 50, 60, 3
     w1, w2 = rng.randn(d1, d2), rng.randn(d2, d3)
     bn = torch_bn.BatchNorm1d(d3, dtype=torch.float64)
     for _ in range(50):
-        bn(seed_activations(rng, w1, w2))
+        bn(notebook_activations(rng, w1, w2))
     bn.eval()
     with torch.no_grad():
-        out = bn(seed_activations(rng, w1, w2))
-    # Seed figures: means within ~0.15 of 0, stds within ~0.05 of 1 (noisier than training).
+        out = bn(notebook_activations(rng, w1, w2))
+    # The notebook's figures: means within ~0.15 of 0, stds within ~0.05 of 1 (noisier than training).
     assert out.mean(0).abs().max() < 0.15
     assert (out.std(0, correction=0) - 1).abs().max() < 0.05
 
@@ -119,11 +106,11 @@ def test_closed_form_and_staged_backward_agree():
         y = batch_norm(x, None, None, gamma, beta, True, backward=backward)
         grads[backward] = torch.autograd.grad(y, (x, gamma, beta), dout)
     for a, b in zip(grads["closed_form"], grads["staged"]):
-        assert rel_error(a, b) < 1e-11  # seed: 9e-13 for dx, 0 for dgamma and dbeta
+        assert rel_error(a, b) < 1e-11  # the notebook: 9e-13 for dx, 0 for dgamma and dbeta
 
 
-def test_seed_numerical_gradient_check():
-    """Seed 1.2: the analytic gradient against central differences (seed: dx error 1.7e-9)."""
+def test_notebook_numerical_gradient_check():
+    """The notebook's check 1.2: the analytic gradient against central differences (the notebook: dx error 1.7e-9)."""
     rng = np.random.RandomState(231)
     x = torch.from_numpy(5 * rng.randn(4, 5) + 12).requires_grad_()
     gamma = torch.from_numpy(rng.randn(5)).requires_grad_()

@@ -1,10 +1,10 @@
 """torch_bn: batch normalization from first principles, a drop-in for PyTorch's.
 
-The training side (torch_bn.data, .training, .dashboard, .experiments) is imported on demand:
-it pulls in torchvision, tensorboard and matplotlib.
+The library needs only torch (Triton, where installed, for the CUDA kernels). The CIFAR-10
+application that trains with it is the separate package ``cifar_bn``.
 """
-from . import functional, models, ops
+from . import functional, ops
 from .function import BatchNormFunction
 from .modules import BatchNorm1d, BatchNorm2d, convert
 
-__all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "convert", "functional", "models", "ops"]
+__all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "convert", "functional", "ops"]

@@ -1,6 +1,6 @@
-"""CIFAR-10 through torchvision, loaded once into tensors with the seed's preprocessing.
+"""CIFAR-10 through torchvision, loaded once into tensors with the notebook's preprocessing.
 
-The seed (CS231n ``get_CIFAR10_data``): raw 0..255 pixels as float32, minus the mean image of
+The notebook (CS231n ``get_CIFAR10_data``): raw 0..255 pixels as float32, minus the mean image of
 the training split; 49,000 train / 1,000 val (the next 1,000 training images) / 1,000 test.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torchvision
 from torch import Tensor
 
 FOLDER = torchvision.datasets.CIFAR10.base_folder  # "cifar-10-batches-py"
+NUM_CLASSES = 10
 
 
 class DataError(Exception):
@@ -89,14 +90,14 @@ def _open(root: str, train: bool, verify: bool) -> torchvision.datasets.CIFAR10:
 
 
 def _to_tensors(ds: torchvision.datasets.CIFAR10) -> tuple[Tensor, Tensor]:
-    # torchvision keeps HWC uint8; the model wants CHW float32, as the seed's X arrays.
+    # torchvision keeps HWC uint8; the model wants CHW float32, as the notebook's X arrays.
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).to(torch.float32).contiguous()
     return x, torch.tensor(ds.targets, dtype=torch.int64)
 
 
 def load_cifar10(data_dir: str = "./data", num_train: int | None = None, num_val: int = 1000,
                  num_test: int = 1000, verify: bool = True) -> CIFAR10Data:
-    """Load CIFAR-10 and split it as the seed does.
+    """Load CIFAR-10 and split it as the notebook does.
 
     Inputs: data_dir holds (or receives, when missing and the network answers) the torchvision
     folder cifar-10-batches-py; num_val: the last num_val training images are the validation set,

@@ -1,4 +1,4 @@
-"""The seed's figures, drawn with matplotlib from run summaries (no display needed)."""
+"""The notebook's figures, drawn with matplotlib from run summaries (no display needed)."""
 from __future__ import annotations
 
 import matplotlib
@@ -9,7 +9,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 
 def deep_figure(histories: dict[str, dict]) -> Figure:
-    """Seed section 2: training loss per iteration, train and val accuracy per epoch.
+    """The notebook's section 2: training loss per iteration, train and val accuracy per epoch.
 
     histories: label -> History as a dict (loss, train_acc, val_acc).
     """
@@ -28,7 +28,7 @@ def deep_figure(histories: dict[str, dict]) -> Figure:
 
 
 def weight_scale_figure(scales: list[float], results: dict[str, list[dict]]) -> Figure:
-    """Seed section 3: best val acc, best train acc and final training loss vs weight scale.
+    """The notebook's section 3: best val acc, best train acc and final training loss vs weight scale.
 
     results: label -> one summary per scale (best_val_acc, best_train_acc, final_loss).
     """
@@ -42,6 +42,6 @@ def weight_scale_figure(scales: list[float], results: dict[str, list[dict]]) -> 
         ax.set_xlabel("Weight initialization scale")
         ax.set_ylabel(ylabel)
         ax.legend()
-    axes[2].set_ylim(1.0, 3.5)  # as the seed: diverged runs (huge loss) go off the top
+    axes[2].set_ylim(1.0, 3.5)  # as the notebook: diverged runs (huge loss) go off the top
     fig.tight_layout()
     return fig

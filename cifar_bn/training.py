@@ -1,7 +1,8 @@
-"""The training loop: the seed's Solver rebuilt from torch.optim, with checkpoints and resume.
+"""The training loop: the notebook's Solver rebuilt from torch.optim, with checkpoints and resume.
 
-One run = one model trained on one CIFAR10Data, logged to one run folder:
+One run = one classifier trained on one CIFAR10Data, logged to one run folder:
 ``checkpoint.pt`` (every epoch, atomically), TensorBoard events, and ``summary.json`` at the end.
+``Trainer`` trains whatever model it is given; ``run`` builds the notebook's MLP for a config.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .dashboard import RunLogger
-from .data import CIFAR10Data
-from .models import MLP
+from .data import NUM_CLASSES, CIFAR10Data
+from .models import MLP, l2_penalty, norm_layers
 
 OPTIMIZERS = ("adam", "sgd", "sgd_momentum", "rmsprop")
-TRAIN_ACC_SAMPLES = 1000  # the seed checks training accuracy on 1,000 training images
+TRAIN_ACC_SAMPLES = 1000  # the notebook checks training accuracy on 1,000 training images
+FINAL_LOSS_WINDOW = 100  # summary's final_loss: the mean loss of the last this many iterations
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 
@@ -34,7 +36,7 @@ class RunExistsError(Exception):
 class TrainConfig:
     """Everything that defines a run; stored in its checkpoint and summary."""
 
-    norm: str = "torch_bn"
+    norm: str = "none"
     hidden_dims: tuple[int, ...] = (100, 100, 100, 100, 100)
     weight_scale: float | None = None
     dropout: float = 0.0
@@ -87,7 +89,7 @@ def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=config.lr)
     if config.optimizer == "sgd_momentum":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
-    return torch.optim.RMSprop(params, lr=config.lr, alpha=0.99, eps=1e-8)  # the seed's decay and eps
+    return torch.optim.RMSprop(params, lr=config.lr, alpha=0.99, eps=1e-8)  # the notebook's decay and eps
 
 
 @torch.no_grad()
@@ -107,21 +109,26 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-class Trainer:
-    """Trains an MLP per ``config`` on ``data``, logging to ``run_dir``.
+def load_checkpoint(run_dir: str) -> dict | None:
+    """The run folder's checkpoint, or None when it has none yet."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
 
-    A new run needs a folder that holds no run yet; ``resume=True`` continues from the folder's
-    checkpoint (its stored config wins, except the device), or starts over if it has none yet.
+
+class Trainer:
+    """Trains ``model`` (any classifier of CIFAR-10 images) per ``config`` on ``data``, logging to
+    ``run_dir``.
+
+    A new run needs a folder that holds no run yet; ``resume=True`` continues the folder's run
+    from ``checkpoint`` (from :func:`load_checkpoint`; None: start over, dropping what was logged):
+    model, optimizer, generators and history are restored from it.
+    ``config.seed`` fixes the batch order and the train-accuracy sample; the model's
+    initialization is the caller's (see :func:`run`).
     """
 
-    def __init__(self, config: TrainConfig, data: CIFAR10Data, run_dir: str, *, progress: bool = True,
-                 resume: bool = False) -> None:
-        checkpoint = None
-        path = os.path.join(run_dir, CHECKPOINT)
-        if resume and os.path.isfile(path):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            config = TrainConfig(**{**checkpoint["config"], "device": config.device})
-        elif not resume and holds_run(run_dir):
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, data: CIFAR10Data, run_dir: str, *,
+                 progress: bool = True, resume: bool = False, checkpoint: dict | None = None) -> None:
+        if not resume and holds_run(run_dir):
             raise RunExistsError(f"run folder {run_dir} already holds a run and runs are never overwritten; "
                                  f"choose another --run-name, or continue it with --resume")
         os.makedirs(run_dir, exist_ok=True)
@@ -130,9 +137,7 @@ class Trainer:
         self.data = {k: getattr(data, k).to(self.device) for k in
                      ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")}
         n = len(self.data["X_train"])
-        torch.manual_seed(config.seed)  # the init, so every norm starts from the same Linear weights
-        self.model = MLP(self.data["X_train"][0].numel(), config.hidden_dims, 10, config.norm,
-                         config.weight_scale, config.dropout).to(self.device)
+        self.model = model.to(self.device)
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_decay)
         self.batch_order = torch.Generator().manual_seed(config.seed)
@@ -183,7 +188,7 @@ class Trainer:
         os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint or the new one
 
     def _evaluate(self) -> None:
-        """The seed's end-of-epoch check: accuracies, best-val weights, dashboard, checkpoint."""
+        """The notebook's end-of-epoch check: accuracies, best-val weights, dashboard, checkpoint."""
         d = self.data
         train_acc = accuracy(self.model, d["X_train"][self.train_sample], d["y_train"][self.train_sample])
         val_acc = accuracy(self.model, d["X_val"], d["y_val"])
@@ -194,7 +199,7 @@ class Trainer:
         if val_acc > self.best_val_acc:
             self.best_val_acc = val_acc
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        self.logger.epoch(self.step, train_acc, val_acc, lr, self.model.norms())
+        self.logger.epoch(self.step, train_acc, val_acc, lr, norm_layers(self.model))
 
     def _train_epoch(self, bar) -> None:
         x, y = self.data["X_train"], self.data["y_train"]
@@ -205,7 +210,7 @@ class Trainer:
             idx = order[i * bs:(i + 1) * bs]
             loss = F.cross_entropy(self.model(x[idx]), y[idx])
             if self.config.reg:
-                loss = loss + self.model.l2_penalty(self.config.reg)
+                loss = loss + l2_penalty(self.model, self.config.reg)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -215,14 +220,14 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{value:.3f}", val_acc=f"{self.history.val_acc[-1]:.3f}")
-        self.scheduler.step()  # the seed's lr decay, once per epoch
+        self.scheduler.step()  # the notebook's lr decay, once per epoch
 
     def fit(self, on_epoch_end=None) -> dict:
         """Train to config.epochs; return (and write) the summary. on_epoch_end(trainer) runs after each
         epoch's checkpoint (tests use it to simulate an interruption)."""
         start = time.perf_counter()
         if self.epoch == 0 and not self.history.val_acc:
-            self._evaluate()  # epoch 0: accuracies before training, as the seed records them
+            self._evaluate()  # epoch 0: accuracies before training, as the notebook records them
         total = self.config.epochs * self.iters_per_epoch
         bar = tqdm(total=total, initial=self.step, desc=os.path.basename(self.run_dir.rstrip("/")),
                    disable=not self.progress, leave=False, dynamic_ncols=True)
@@ -242,9 +247,9 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict:
-        self.model.load_state_dict(self.best_state)  # as the seed: keep the best-val weights
+        self.model.load_state_dict(self.best_state)  # as the notebook: keep the best-val weights
         test_acc = accuracy(self.model, self.data["X_test"], self.data["y_test"])
-        last = self.history.loss[-100:]
+        last = self.history.loss[-FINAL_LOSS_WINDOW:]
         summary = {
             "config": asdict(self.config),
             "num_train": len(self.data["X_train"]),
@@ -268,11 +273,23 @@ class Trainer:
         return summary
 
 
+def build_model(config: TrainConfig, input_dim: int) -> MLP:
+    """The notebook's MLP for ``config``, initialized from ``config.seed`` (so every norm of a
+    comparison starts from the same Linear weights)."""
+    torch.manual_seed(config.seed)
+    return MLP(input_dim, config.hidden_dims, NUM_CLASSES, config.norm, config.weight_scale, config.dropout)
+
+
 def run(config: TrainConfig, data: CIFAR10Data, run_dir: str, *, progress: bool = True, resume: bool = False) -> dict:
-    """Train one run and return its summary; with resume, a finished run's summary is read back
-    and an unfinished one continues from its checkpoint."""
+    """Train the notebook's MLP for one run and return its summary; with resume, a finished run's
+    summary is read back and an unfinished one continues from its checkpoint (whose stored config
+    wins, except the device)."""
     done = os.path.join(run_dir, SUMMARY)
     if resume and os.path.isfile(done):
         with open(done) as f:
             return json.load(f)
-    return Trainer(config, data, run_dir, progress=progress, resume=resume).fit()
+    checkpoint = load_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        config = TrainConfig(**{**checkpoint["config"], "device": config.device})
+    model = build_model(config, data.X_train[0].numel())
+    return Trainer(config, model, data, run_dir, progress=progress, resume=resume, checkpoint=checkpoint).fit()

@@ -1,4 +1,4 @@
-"""The seed's fully connected network: (Linear -> norm -> ReLU) x L, then a final Linear."""
+"""The notebook's fully connected network: (Linear -> norm -> ReLU) x L, then a final Linear."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .modules import BatchNorm1d
+from torch_bn import BatchNorm1d, BatchNorm2d
 
 NORMS = ("torch_bn", "torch", "none")
 
@@ -15,7 +15,7 @@ class MLP(nn.Module):
     """Multi-layer perceptron for flattened images, with optional batch norm per hidden layer.
 
     norm: "torch_bn" (torch_bn.BatchNorm1d), "torch" (nn.BatchNorm1d) or "none".
-    weight_scale: if given, every Linear weight ~ N(0, weight_scale^2) and biases 0 (the seed's
+    weight_scale: if given, every Linear weight ~ N(0, weight_scale^2) and biases 0 (the notebook's
     init); None keeps PyTorch's default init. dropout: probability after each ReLU (0: none).
     Input (N, input_dim) or images (N, C, H, W), flattened; output logits (N, num_classes).
     """
@@ -48,12 +48,18 @@ class MLP(nn.Module):
     def linears(self) -> list[nn.Linear]:
         return [m for m in self.net if isinstance(m, nn.Linear)]
 
-    def norms(self) -> list[nn.Module]:
-        return [m for m in self.net if isinstance(m, (BatchNorm1d, nn.BatchNorm1d))]
-
-    def l2_penalty(self, reg: float) -> Tensor:
-        """The seed's regularizer: 0.5 * reg * sum of squared Linear weights (biases and BN excluded)."""
-        return 0.5 * reg * sum((m.weight ** 2).sum() for m in self.linears())
-
     def forward(self, x: Tensor) -> Tensor:
         return self.net(torch.flatten(x, 1))
+
+
+def l2_penalty(model: nn.Module, reg: float) -> Tensor:
+    """The notebook's regularizer: 0.5 * reg * the sum of squared weights of every Linear and conv
+    layer of ``model`` (biases and normalization parameters are not penalized)."""
+    return 0.5 * reg * sum((m.weight ** 2).sum() for m in model.modules()
+                           if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)))
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The batch-norm layers of ``model`` (torch_bn's and torch.nn's), in order."""
+    return [m for m in model.modules()
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d))]

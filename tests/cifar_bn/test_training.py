@@ -10,10 +10,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.func import functional_call
 
 import train
+import cifar_bn.data
 import torch_bn
-from torch_bn.data import DataError, load_cifar10
-from torch_bn.models import MLP
-from torch_bn.training import RunExistsError, Trainer, TrainConfig, run
+from cifar_bn.data import DataError, load_cifar10
+from cifar_bn.models import MLP, l2_penalty
+from cifar_bn.training import RunExistsError, Trainer, TrainConfig, build_model, run
 
 TINY = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
 
@@ -42,7 +43,7 @@ def test_tiny_folder_loads_through_torchvision(tiny_cifar):
     torch.testing.assert_close(data.X_train.mean(0), torch.zeros(3, 32, 32), atol=1e-3, rtol=0)
     small = load_cifar10(tiny_cifar, num_train=10, num_val=20, num_test=20, verify=False)
     assert len(small.X_train) == 10
-    torch.testing.assert_close(small.mean_image, data.mean_image)  # the whole split's mean, as the seed
+    torch.testing.assert_close(small.mean_image, data.mean_image)  # the whole split's mean, as the notebook
 
 
 def test_md5_failure_names_no_verify(tiny_cifar):
@@ -70,7 +71,7 @@ def test_missing_data_exits_2_with_clear_error(tmp_path, monkeypatch, capsys):
     def offline(self):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torch_bn.data.torchvision.datasets.CIFAR10, "download", offline)
+    monkeypatch.setattr(cifar_bn.data.torchvision.datasets.CIFAR10, "download", offline)
     code = train.main(["--data-dir", str(tmp_path / "nowhere"), "--logdir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2
@@ -82,7 +83,7 @@ def test_missing_data_exits_2_with_clear_error(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("reg", [0.0, 3.14])
 def test_mlp_gradcheck_float64(reg):
-    """Seed 1.4: N=2, D=15, hidden (20, 30), C=10, weight_scale 5e-2, with batch norm."""
+    """The notebook's check 1.4: N=2, D=15, hidden (20, 30), C=10, weight_scale 5e-2, with batch norm."""
     torch.manual_seed(231)
     model = MLP(15, (20, 30), 10, norm="torch_bn", weight_scale=5e-2).double()
     x = torch.randn(2, 15, dtype=torch.float64)
@@ -99,7 +100,7 @@ def test_mlp_gradcheck_float64(reg):
     params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
     assert torch.autograd.gradcheck(loss_fn, params)
     # l2_penalty is the same regularizer.
-    penalty = model.l2_penalty(reg)
+    penalty = l2_penalty(model, reg)
     expected = 0.5 * reg * sum((m.weight ** 2).sum() for m in model.linears())
     torch.testing.assert_close(penalty, expected)
 
@@ -127,8 +128,19 @@ def test_mlp_layout_and_bad_arguments():
 # ---- training ---------------------------------------------------------------------------------
 
 def small_config(**kw):
-    base = dict(hidden_dims=(16, 16), weight_scale=2e-2, batch_size=10, epochs=3, seed=3)
+    base = dict(norm="torch_bn", hidden_dims=(16, 16), weight_scale=2e-2, batch_size=10, epochs=3, seed=3)
     return TrainConfig(**{**base, **kw})
+
+
+def test_trainer_trains_the_model_it_is_given(tiny_cifar, tmp_path):
+    """Any classifier of the images: here a small conv net with torch_bn.BatchNorm2d."""
+    data = tiny_data(tiny_cifar)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch_bn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+    summary = Trainer(small_config(epochs=2), model, data, str(tmp_path / "conv"), progress=False).fit()
+    assert len(summary["history"]["loss"]) == 2 * (130 // 10)
+    assert summary["history"]["loss"][-1] < summary["history"]["loss"][0]
 
 
 def test_same_seed_same_numbers(tiny_cifar, tmp_path):
@@ -152,7 +164,7 @@ def test_resume_equals_uninterrupted(tiny_cifar, tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        Trainer(config, data, str(tmp_path / "cut"), progress=False).fit(on_epoch_end=stop_after_first_epoch)
+        Trainer(config, build_model(config, 3072), data, str(tmp_path / "cut"), progress=False).fit(on_epoch_end=stop_after_first_epoch)
     assert not os.path.exists(tmp_path / "cut" / "summary.json")
     resumed = run(config, data, str(tmp_path / "cut"), progress=False, resume=True)
     assert resumed["history"] == full["history"]
@@ -167,7 +179,7 @@ def test_runs_are_never_overwritten(tiny_cifar, tmp_path):
     run(small_config(epochs=1), data, str(tmp_path / "r"), progress=False)
     before = os.listdir(tmp_path / "r")
     with pytest.raises(RunExistsError, match="never overwritten"):
-        Trainer(small_config(epochs=1), data, str(tmp_path / "r"), progress=False)
+        Trainer(small_config(epochs=1), build_model(small_config(), 3072), data, str(tmp_path / "r"), progress=False)
     assert os.listdir(tmp_path / "r") == before
 
 

@@ -1,4 +1,4 @@
-"""The runs train.py can launch: one model, a three-way comparison, and the seed's experiments.
+"""The runs train.py can launch: one model, a three-way comparison, and the notebook's experiments.
 
 Each writes its runs under one root folder (one TensorBoard run per sub-folder), and each can
 be resumed: finished runs are read back, unfinished ones continue from their checkpoints.
@@ -16,7 +16,7 @@ from .figures import deep_figure, weight_scale_figure
 from .models import NORMS
 from .training import TrainConfig, run
 
-# Seed sections 2 and 3: 1,000 training images, 10 epochs, batch 50, Adam 1e-3.
+# The notebook's sections 2 and 3: 1,000 training images, 10 epochs, batch 50, Adam 1e-3.
 PRESETS = {
     "deep": dict(hidden_dims=(100,) * 5, weight_scale=2e-2, epochs=10, batch_size=50, optimizer="adam", lr=1e-3,
                  num_train=1000),
@@ -36,7 +36,7 @@ def compare(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool
 
 def deep(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True,
          resume: bool = False) -> dict[str, dict]:
-    """Seed section 2: batch norm vs none on a deep net; writes root/deep.png and the figure to TensorBoard."""
+    """The notebook's section 2: batch norm vs none on a deep net; writes root/deep.png and the figure to TensorBoard."""
     summaries = compare(config, data, root, progress=progress, resume=resume, norms=("torch_bn", "none"))
     fig = deep_figure({LABELS[n]: s["history"] for n, s in summaries.items()})
     save_figure(fig, root, "deep")
@@ -49,7 +49,7 @@ def weight_scales(num: int = 20) -> list[float]:
 
 def weight_scale(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True,
                  resume: bool = False, num_scales: int = 20) -> dict[str, list[dict]]:
-    """Seed section 3: batch norm vs none across weight-init scales logspace(-4, 0); each run is a
+    """The notebook's section 3: batch norm vs none across weight-init scales logspace(-4, 0); each run is a
     TensorBoard hparams row; writes root/weight_scale.png. Returns norm -> summaries by scale."""
     scales = weight_scales(num_scales)
     results: dict[str, list[dict]] = {"torch_bn": [], "none": []}

@@ -1,0 +1,28 @@
+"""The library stands alone: it needs only torch, and never imports the application."""
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+
+@pytest.mark.slow
+def test_library_imports_none_of_the_application_dependencies():
+    """torch_bn needs only torch: importing every module of it pulls in no application package."""
+    code = ("import sys, torch\n"
+            "before = set(sys.modules)\n"  # what torch itself imports (it imports tqdm) does not count
+            "import pkgutil, importlib, torch_bn\n"
+            "for m in pkgutil.iter_modules(torch_bn.__path__):\n"
+            "    if m.name != 'triton_kernels': importlib.import_module('torch_bn.' + m.name)\n"
+            "bad = [n for n in ('torchvision', 'tensorboard', 'matplotlib', 'tqdm', 'cifar_bn') "
+            "if n in set(sys.modules) - before]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_library_depends_only_on_torch_and_the_application_is_an_extra():
+    with open("pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert [d.split(">")[0].split("=")[0] for d in project["dependencies"]] == ["torch"]
+    assert {"torchvision", "tensorboard", "tqdm", "matplotlib"} <= set(project["optional-dependencies"]["train"])
