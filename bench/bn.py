@@ -166,7 +166,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), action="append",
                    help="repeatable; default both")
-    p.add_argument("--shapes", help="e.g. 4096x1024,256x65536 (default: the issue's list); "
+    p.add_argument("--shapes", help="e.g. 4096x1024,256x65536 (default: the standard list below); "
                                     "NxCxHxW shapes use BatchNorm2d")
     p.add_argument("--channels-last", action="store_true", help="NxCxHxW inputs in channels-last layout")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
