@@ -224,9 +224,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
 // The closed-form backward (docs/derivation.md) with g = rstd * weight, M values per channel:
 //   dbias = sum(dy),  dweight = rstd * sum(dy * (x - mean)),
 //   dx = g * dy - g * rstd * dweight / M * (x - mean) - g * dbias / M.
-std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& x, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& input, const Tensor& weight,
                                                  const Tensor& mean, const Tensor& rstd, bool need_dx) {
-  const Tensor dy = grad.contiguous();
+  const Tensor dy = grad.contiguous(), x = input.contiguous();
   const Geometry g = geometry(x);
   const auto acc = opmath_dtype(x);
   const Tensor w = weight.defined() ? weight.to(acc).contiguous() : Tensor();
@@ -310,18 +310,22 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     const Tensor &x = saved[0], &w = saved[1], &mean = saved[2], &rstd = saved[3];
     const Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(7);
+    // needs_input_grad counts the tensor inputs that were given (the edges): x, then weight and
+    // bias where present. The gradients returned are one per forward argument.
+    const bool has_bias = ctx->saved_data["bias_dtype"].toInt() >= 0;
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = w.defined() && ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1);
     Tensor dx, dweight, dbias;
     if (at::GradMode::is_enabled()) {
       std::tie(dx, dweight, dbias) = backward_differentiable(dy, x, w, ctx->saved_data["eps"].toDouble());
     } else {
-      std::tie(dx, dweight, dbias) = backward_impl(dy, x, w, mean, rstd, ctx->needs_input_grad(0));
+      std::tie(dx, dweight, dbias) = backward_impl(dy, x, w, mean, rstd, need_x);
     }
     variable_list out(7);
-    if (ctx->needs_input_grad(0)) out[0] = dx.view(x.sizes());
-    if (ctx->needs_input_grad(1)) out[1] = dweight.to(w.scalar_type());
-    if (ctx->needs_input_grad(2)) {
-      out[2] = dbias.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
-    }
+    if (need_x) out[0] = dx.view(x.sizes());
+    if (need_w) out[1] = dweight.to(w.scalar_type());
+    if (need_b) out[2] = dbias.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
     return out;
   }
 };

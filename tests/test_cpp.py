@@ -1,0 +1,210 @@
+"""The compiled CPU op torch_bn_cpp::batch_norm_train against float64, nn.BatchNorm and gradcheck."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+from torch_bn import cpp
+
+from helpers import float64_reference
+
+SHAPES = [(50, 100), (50, 50), (6, 3), (4, 3, 5), (3, 2, 3, 4)]
+
+
+@pytest.fixture(scope="module")
+def op():
+    """The op, built here if no earlier test built it (about a minute, once per source version)."""
+    if not cpp.ENABLED:
+        pytest.skip("the compiled op is switched off by TORCH_BN_CPP=0")
+    built = cpp.op()
+    assert built is not None, "the compiled op could not be built (see the RuntimeWarning)"
+    return built
+
+
+def inputs(shape, dtype, seed=0, scale=3.0, offset=1.0):
+    """x, weight, bias, dy with non-trivial values, rounded to dtype (parameters in float32 for
+    half-precision input, as in a module)."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    w = torch.randn(c, generator=g, dtype=torch.float64).to(pdtype)
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(pdtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+def float64_grads(x, w, b, dy, eps=1e-5):
+    """Gradients of the float64 definition (autograd through helpers.float64_reference)."""
+    xs = [t.double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = float64_reference(xs[0], xs[1], xs[2], eps)
+    return y.detach(), torch.autograd.grad(y, [t for t in xs if t is not None], dy.double())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_float64_definition(op, shape, dtype, tol, affine):
+    x, w, b, dy = inputs(shape, dtype)
+    if not affine:
+        w = b = None
+    xr = x.clone().requires_grad_()
+    params = [p.clone().requires_grad_() for p in (w, b) if p is not None]
+    y = op(xr, *(params or [None, None]), None, None, 0.1, 1e-5)
+    grads = torch.autograd.grad(y, [xr, *params], dy)
+    y64, grads64 = float64_grads(x, w, b, dy)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=tol, atol=tol * max(1.0, g64.abs().max().item()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_as_accurate_as_torch_nn(op, shape, dtype):
+    """Output, gradients and running statistics are within 2x (+1e-6) of PyTorch's own error against
+    float64, on the same rounded inputs, for float32 and half-precision input with float32 state."""
+    x, w, b, dy = inputs(shape, dtype, seed=1)
+    c = shape[1]
+    results = {}
+    for name, fn, in_dtype in (("ours", op, dtype), ("nn", torch.batch_norm, dtype), ("exact", torch.batch_norm, torch.float64)):
+        pdtype = torch.float64 if in_dtype == torch.float64 else w.dtype
+        xm = x.to(in_dtype).requires_grad_()
+        wm, bm = w.to(pdtype).requires_grad_(), b.to(pdtype).requires_grad_()
+        rm, rv = torch.linspace(-1, 1, c, dtype=pdtype), torch.linspace(0.5, 2, c, dtype=pdtype)
+        if name == "ours":
+            y = op(xm, wm, bm, rm, rv, 0.1, 1e-5)
+        else:
+            y = F.batch_norm(xm, rm, rv, wm, bm, True, 0.1, 1e-5)
+        results[name] = [y, *torch.autograd.grad(y, (xm, wm, bm), dy.to(in_dtype)), rm, rv]
+    for ours, theirs, exact in zip(results["ours"], results["nn"], results["exact"]):
+        assert ours.dtype == theirs.dtype
+        err_ours, err_theirs = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+        assert err_ours <= 2 * err_theirs + 1e-6, (err_ours.item(), err_theirs.item())
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 2, 3, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_and_gradgradcheck(op, shape, affine):
+    """The C++ backward, and its differentiable form when the backward is itself recorded."""
+    x, w, b, _ = inputs(shape, torch.float64, seed=2)
+    args = [x.requires_grad_()] + ([w.requires_grad_(), b.requires_grad_()] if affine else [])
+
+    def f(x, w=None, b=None):
+        return op(x, w, b, None, None, 0.1, 1e-5)
+
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0, 0.7])
+@pytest.mark.parametrize("shape", [(50, 100), (4, 3, 5)])
+def test_running_statistics_move_as_pytorch_moves_them(op, momentum, shape):
+    """lerp with the unbiased batch variance, over several steps, as F.batch_norm."""
+    c = shape[1]
+    ours = [torch.linspace(-1, 1, c), torch.linspace(0.5, 2, c)]
+    theirs = [t.clone() for t in ours]
+    for step in range(4):
+        x, w, b, _ = inputs(shape, torch.float32, seed=10 + step, offset=step)
+        op(x, w, b, *ours, momentum, 1e-5)
+        F.batch_norm(x, *theirs, w, b, True, momentum, 1e-5)
+        for a, t in zip(ours, theirs):
+            torch.testing.assert_close(a, t, rtol=1e-6, atol=1e-6)
+
+
+def test_running_statistics_are_optional_and_kept_in_their_dtype(op):
+    x, w, b, _ = inputs((8, 3), torch.float64)
+    rm32, rv64 = torch.zeros(3, dtype=torch.float32), torch.ones(3, dtype=torch.float64)
+    op(x, w, b, rm32, None, 0.5, 1e-5)
+    op(x, w, b, None, rv64, 0.5, 1e-5)
+    assert rm32.dtype == torch.float32 and rv64.dtype == torch.float64
+    torch.testing.assert_close(rm32, (0.5 * x.mean(0)).float())
+    torch.testing.assert_close(rv64, 0.5 + 0.5 * x.var(0))
+
+
+def test_constant_and_offset_features_in_float32(op):
+    """Two passes in double: constant features give beta exactly, x = 1e4 + noise unit std."""
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + torch.randn(512, 64, generator=g)
+    x[:, :3] = 5.0
+    b = torch.linspace(-1, 1, 64)
+    y = op(x, None, b, None, None, 0.1, 1e-5)
+    assert torch.equal(y[:, :3], b[:3].expand(512, 3))
+    assert (y[:, 3:].std(0, correction=0) - 1).abs().max() < 1e-4
+
+
+def test_gradients_only_where_needed_and_any_layout(op):
+    """x without grad (weight's gradient only); non-contiguous x and an expanded dy (sum())."""
+    x, w, b, _ = inputs((8, 6), torch.float64, seed=3)
+    w.requires_grad_()
+    y = op(x, w, b, None, None, 0.1, 1e-5)
+    (gw,) = torch.autograd.grad(y, w, torch.ones_like(y))
+    _, (_, gw64, _) = float64_grads(x, w.detach(), b, torch.ones_like(y))
+    torch.testing.assert_close(gw, gw64)
+
+    xt = x.t().contiguous().t().requires_grad_()  # same values, column-major
+    assert not xt.is_contiguous()
+    y = op(xt, w, b, None, None, 0.1, 1e-5)
+    gx, gw = torch.autograd.grad((y * torch.arange(6.0, dtype=y.dtype)).sum(), (xt, w))
+    _, (gx64, gw64, _) = float64_grads(x, w.detach(), b, torch.arange(6.0, dtype=y.dtype).expand(8, 6))
+    torch.testing.assert_close(gx, gx64)
+    torch.testing.assert_close(gw, gw64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 9), c=st.integers(1, 7), spatial=st.lists(st.integers(1, 4), max_size=2),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), offset=st.sampled_from([0.0, 5.0, -1e3]),
+       affine=st.booleans(), eps=st.sampled_from([1e-5, 0.1]))
+def test_any_shape_and_scale_float64(op, n, c, spatial, scale, offset, affine, eps):
+    shape = (n, c, *spatial)
+    x, w, b, dy = inputs(shape, torch.float64, seed=n * 100 + c, scale=scale, offset=offset)
+    if not affine:
+        w = b = None
+    xr = x.clone().requires_grad_()
+    y = op(xr, w, b, None, None, 0.1, eps)
+    (gx,) = torch.autograd.grad(y, xr, dy)
+    y64, grads64 = float64_grads(x, w, b, dy, eps)
+    torch.testing.assert_close(y, y64, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gx, grads64[0], rtol=1e-7, atol=1e-7 * max(1.0, grads64[0].abs().max().item()))
+
+
+@pytest.mark.parametrize("x, weight, message", [
+    (torch.randn(4, 3), torch.ones(5), "has 5 elements but the input has 3 channels"),
+    (torch.randn(1, 3), None, "Expected more than 1 value per channel when training"),
+    (torch.randn(4), None, "expects input of shape"),
+    (torch.randint(0, 5, (4, 3)), None, "expects a floating-point input"),
+])
+def test_bad_input_raises_clear_error(op, x, weight, message):
+    with pytest.raises(RuntimeError, match=message):
+        op(x, weight, None, None, None, 0.1, 1e-5)
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_package_still_trains(tmp_path):
+    """No compiler (CXX points nowhere) and no cached build: one warning saying what to do,
+    op() is None, and a layer still trains, equal to nn.BatchNorm1d."""
+    code = ("import warnings, torch, torch_bn\n"
+            "from torch_bn import cpp\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert cpp.op() is None and cpp.op() is None\n"
+            "msgs = [str(m.message) for m in w if 'torch_bn' in str(m.message)]\n"
+            "assert len(msgs) == 1 and 'pip install ninja' in msgs[0], msgs\n"
+            "torch.manual_seed(0)\n"
+            "ours, theirs = torch_bn.BatchNorm1d(100), torch.nn.BatchNorm1d(100)\n"
+            "x = torch.randn(50, 100, requires_grad=True)\n"
+            "ya, yb = ours(x), theirs(x)\n"
+            "torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)\n"
+            "ga, gb = (torch.autograd.grad(y.square().sum(), x)[0] for y in (ya, yb))\n"
+            "torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)\n"
+            "torch.testing.assert_close(ours.running_var, theirs.running_var)\n"
+            "print('ok')\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"),
+               TORCH_BN_CPP="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
