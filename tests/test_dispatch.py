@@ -114,3 +114,33 @@ def test_the_function_follows_the_rule(monkeypatch):
         y, _, _ = function.BatchNormFunction.apply(x, None, None, 1e-5, backward)
         torch.autograd.grad(y, x, torch.randn(6, 3), create_graph=backward == "closed_form")
     assert asked == [{}, {"staged": False, "double_backward": True}, {}, {"staged": True, "double_backward": False}]
+
+
+def test_small_cpu_layers_take_the_compiled_op():
+    """A whole layer (layer=True) below FUSED_MIN_ELEMENTS on CPU runs as the compiled op, in any
+    floating dtype; larger inputs and calls that are not whole layers keep their paths."""
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        assert choose_path(SMALL.to(dtype), layer=True) == "cpp"
+    assert choose_path(torch.empty(50, 50, 3), layer=True) == "cpp"
+    assert choose_path(LARGE, layer=True) == "fused"
+    assert choose_path(SMALL) == "reference"
+    assert choose_path(torch.empty(50, 100, device="meta"), layer=True) == "reference"
+
+
+def test_the_compiled_op_is_not_taken_where_it_cannot_serve(monkeypatch):
+    """Staged backward, forward-mode AD, torch.func, torch.compile, and no built op: the Function."""
+    assert choose_path(SMALL, layer=True, staged=True) == "reference"
+    with torch.autograd.forward_ad.dual_level():
+        assert choose_path(SMALL, layer=True) == "reference"
+    assert choose_path(SMALL, layer=True) == "cpp"
+    seen = []
+    torch.func.vmap(lambda x: seen.append(choose_path(x, layer=True)) or x)(SMALL[None].expand(2, -1, -1))
+    assert seen == ["reference"]
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert choose_path(SMALL, layer=True) == "reference"
+    monkeypatch.setattr(function.cpp, "_op", False)  # as after a failed build
+    assert choose_path(SMALL, layer=True) == "reference"
+    monkeypatch.setattr(function.cpp, "_op", None)  # not built yet, and switched off (TORCH_BN_CPP=0)
+    monkeypatch.setattr(function.cpp, "ENABLED", False)
+    assert choose_path(SMALL, layer=True) == "reference" and function.cpp._op is None

@@ -2,8 +2,9 @@
 
 Forward and backward are the hand-written math of :mod:`torch_bn.ops` (the reference). Where
 that is safe, the same math runs faster: :func:`choose_path` holds the one rule that picks
-between the reference ops, the slab-fused tensor ops of :mod:`torch_bn.fused` (CPU) and the
-Triton kernels of :mod:`torch_bn.triton_kernels` (CUDA), for the forward and the backward alike.
+between the reference ops, the slab-fused tensor ops of :mod:`torch_bn.fused` (CPU), the
+Triton kernels of :mod:`torch_bn.triton_kernels` (CUDA), for the forward and the backward alike,
+and, for a whole small CPU layer, the compiled op of :mod:`torch_bn.cpp`.
 The Function uses the ``forward`` + ``setup_context`` style so that it composes with
 torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
 """
@@ -13,9 +14,10 @@ import os
 import warnings
 
 import torch
+import torch.autograd.forward_ad
 from torch import Tensor
 
-from . import fused, ops
+from . import cpp, fused, ops
 
 TRITON_ON_CPU = False  # tests set this (with TRITON_INTERPRET=1) to run the kernels on CPU tensors
 # TORCH_BN_TRITON=0 in the environment (or USE_TRITON = False) keeps CUDA tensors on the tensor-op
@@ -28,7 +30,7 @@ FUSED_MIN_ELEMENTS = 1 << 17
 # The kernels compute in float32: float64 input keeps its precision on the tensor-op paths.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-PATHS = ("reference", "fused", "triton")
+PATHS = ("reference", "fused", "triton", "cpp")
 
 _kernels = None  # torch_bn.triton_kernels once imported, False where it cannot be
 
@@ -52,11 +54,13 @@ def _triton_kernels():
     return _kernels or None
 
 
-def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = False) -> str:
-    """Which implementation computes this call: "reference", "fused" or "triton".
+def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = False, layer: bool = False) -> str:
+    """Which implementation computes this call: "reference", "fused", "triton" or "cpp".
 
-    Forward and backward both ask; x is the input (saved x in the backward). The first row that
-    matches decides:
+    Forward and backward both ask; x is the input (saved x in the backward). ``layer``: the caller
+    can hand over the whole training-mode layer (forward, backward and running-statistics update:
+    :func:`torch_bn.functional.batch_norm`), which only the compiled op "cpp" takes; for any other
+    answer it runs :class:`BatchNormFunction`, which asks again. The first row that matches decides:
 
     ===========================================  ===========  ==========================================
     condition                                    path         why
@@ -68,6 +72,9 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     tensor, float32/float16/bfloat16, kernels
     importable
     ``torch.compile`` tracing                    reference    the compiler fuses the ops itself
+    ``layer``, CPU tensor, ``x.numel() <         cpp          one C++ call per forward and per backward,
+    FUSED_MIN_ELEMENTS``, no forward-mode AD     (whole       no Python: small inputs cost per-call
+    level, the op built (``torch_bn.cpp.op()``)  layer)       overhead, not arithmetic
     ``x.numel() >= FUSED_MIN_ELEMENTS``          fused        fewer trips through memory
     otherwise (small inputs, float64 on CUDA)    reference    fewer, larger ops cost less there
     ===========================================  ===========  ==========================================
@@ -76,7 +83,10 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     slabs: under torch.func transforms those would be wrapped tensors, and torch.compile would
     unroll the loop. Transforms and compilation are checked before the size, so that the
     compiler sees no size test to guard on. The Triton kernels are custom ops, opaque to
-    torch.compile, so compiled CUDA code still calls them.
+    torch.compile, so compiled CUDA code still calls them. The compiled CPU op is a C++ autograd
+    node: it has no forward-mode derivative (dual tensors take the Function, which has one where
+    the reference ops do), and when its backward is recorded for double backward it runs the
+    closed form as differentiable ATen ops.
     """
     if staged or double_backward or torch._C._are_functorch_transforms_active():
         return "reference"
@@ -85,7 +95,11 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
         return "triton"
     if torch.compiler.is_compiling():
         return "reference"
-    return "fused" if x.numel() >= FUSED_MIN_ELEMENTS else "reference"
+    small = x.numel() < FUSED_MIN_ELEMENTS
+    if (layer and small and x.device.type == "cpu" and torch.autograd.forward_ad._current_level < 0
+            and cpp.op() is not None):
+        return "cpp"
+    return "reference" if small else "fused"
 
 
 class BatchNormFunction(torch.autograd.Function):
