@@ -2,6 +2,7 @@
 
     python -m bench.bn                      # every shape, float32 and bfloat16, on CUDA if present
     python -m bench.bn --device cpu --dtype float32 --json bench.json
+    python -m bench.bn --mlp --threads 1    # per call at the CIFAR-10 MLP's sizes, in microseconds
 
 One process, the same inputs for every implementation; warm-up, then the median of many
 repeats (CUDA: triton.testing.do_bench, which uses CUDA events). Copy bandwidth is measured in
@@ -22,9 +23,12 @@ from torch import Tensor, nn
 
 import torch_bn
 
-SHAPES = [(50, 100), (100, 500), (256, 1024), (4096, 1024), (8192, 512), (4096, 4096), (256, 65536), (65536, 1024),
+SHAPES = [(50, 100), (50, 50), (100, 500), (256, 1024), (4096, 1024), (8192, 512), (4096, 4096), (256, 65536), (65536, 1024),
           (1048576, 64)]
 CUDA_ONLY = [(16384, 16384)]  # (100, 500) is the notebook's shape for its backward speed-up (1.57x)
+# The MLP's BN layers (cifar_bn): batch 50; hidden width 100 (--compare, --experiment deep) and 50
+# (--experiment weight-scale). At these sizes a call costs overhead, not arithmetic.
+MLP_SHAPES = [(50, 100), (50, 50)]
 ACCESSES_FWD_BWD = 8
 ACCESSES_FWD = 3
 
@@ -125,6 +129,44 @@ def bench_shape(shape, dtype, device, measure, bandwidth, channels_last: bool = 
     return row
 
 
+def bench_mlp_shape(shape, measure) -> dict:
+    """Per call, CPU float32: native, torch_bn as it runs (the compiled op where built) and torch_bn
+    with the compiled op switched off (its Python path), in turns on the same inputs."""
+    x = torch.randn(shape).requires_grad_()
+    dy = torch.randn(shape)
+    m = implementations(shape, "cpu")
+
+    def python_path(fn):
+        def run():
+            torch_bn.cpp.ENABLED = False
+            try:
+                fn()
+            finally:
+                torch_bn.cpp.ENABLED = enabled
+        return run
+
+    enabled = torch_bn.cpp.ENABLED
+    row: dict = {"shape": list(shape), "path": torch_bn.function.choose_path(x, layer=True)}
+    for kind, make in (("fwd", lambda k: forward_only(m[k], x)), ("fwdbwd", lambda k: forward_backward(m[k], x, dy))):
+        times = measure({"native": make("native"), "torch_bn": make("torch_bn"),
+                         "python": python_path(make("torch_bn"))})
+        for k, t in times.items():
+            row[f"{k}_{kind}_s"] = t
+    return row
+
+
+def print_mlp_table(rows: list[dict]) -> None:
+    print(f"{'shape':>8} {'path':>9} | {'fwd native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6} | "
+          f"{'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6}   (microseconds per call)")
+    for r in rows:
+        cells = []
+        for kind in ("fwd", "fwdbwd"):
+            nat = r[f"native_{kind}_s"]
+            cells.append(f"{1e6 * nat:>10.1f} {1e6 * r[f'torch_bn_{kind}_s']:>9.1f} {r[f'torch_bn_{kind}_s'] / nat:>6.2f} "
+                         f"{1e6 * r[f'python_{kind}_s']:>9.1f} {r[f'python_{kind}_s'] / nat:>6.2f}")
+        print(f"{label(r):>8} {r['path']:>9} | {cells[0]} | {cells[1]}")
+
+
 def label(row: dict) -> str:
     return "x".join(map(str, row["shape"])) + (" (channels-last)" if row.get("channels_last") else "")
 
@@ -170,9 +212,25 @@ def main() -> None:
                                     "NxCxHxW shapes use BatchNorm2d")
     p.add_argument("--channels-last", action="store_true", help="NxCxHxW inputs in channels-last layout")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    p.add_argument("--mlp", action="store_true",
+                   help="only the MLP's shapes (CPU float32), per call: native, torch_bn, torch_bn's Python path")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mlp:
+        measure = timer("cpu", args.budget)
+        machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        print(f"device: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+        rows = [bench_mlp_shape(s, measure) for s in MLP_SHAPES]
+        print_mlp_table(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                           "rows": rows}, f, indent=1)
+        return
     shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else SHAPES + (CUDA_ONLY if args.device == "cuda" else []))
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]

@@ -144,3 +144,9 @@ def test_the_compiled_op_is_not_taken_where_it_cannot_serve(monkeypatch):
     monkeypatch.setattr(function.cpp, "_op", None)  # not built yet, and switched off (TORCH_BN_CPP=0)
     monkeypatch.setattr(function.cpp, "ENABLED", False)
     assert choose_path(SMALL, layer=True) == "reference" and function.cpp._op is None
+
+
+def test_switching_the_compiled_op_off_takes_effect_after_it_is_built(monkeypatch):
+    assert choose_path(SMALL, layer=True) == "cpp"
+    monkeypatch.setattr(function.cpp, "ENABLED", False)
+    assert choose_path(SMALL, layer=True) == "reference"

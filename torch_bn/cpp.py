@@ -47,11 +47,12 @@ def _build():
 
 def op():
     """``torch.ops.torch_bn_cpp.batch_norm_train.default``, built on first call; None where it
-    is switched off or cannot be built (then one RuntimeWarning says why and what to do)."""
+    is switched off (``ENABLED``) or cannot be built (then one RuntimeWarning says why and what
+    to do)."""
     global _op
+    if not ENABLED:
+        return None
     if _op is None:
-        if not ENABLED:
-            return None
         try:
             _op = _build()
         except Exception as e:  # no compiler or ninja, a failed build, a load error
