@@ -208,3 +208,19 @@ def test_without_a_compiler_the_package_still_trains(tmp_path):
                TORCH_BN_CPP="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_forward_without_autograd(op, mode):
+    """Under no_grad and inference_mode (the op's CPU kernel, below autograd) the forward and the
+    running statistics are those of F.batch_norm."""
+    x, w, b, _ = inputs((50, 100), torch.float32, seed=4)
+    ours = [torch.zeros(100), torch.ones(100)]
+    theirs = [t.clone() for t in ours]
+    with mode():
+        y = op(x, w, b, *ours, 0.1, 1e-5)
+        ref = F.batch_norm(x, *theirs, w, b, True, 0.1, 1e-5)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, ref)
+    for a, t in zip(ours, theirs):
+        torch.testing.assert_close(a, t)
