@@ -3,10 +3,12 @@
 ``csrc/batch_norm_cpu.cpp`` holds a whole training-mode layer (statistics, y, running-statistics
 update, and the closed-form backward as a C++ autograd node) for small CPU inputs, where
 torch_bn's Python path costs per-call overhead rather than arithmetic. :func:`op` compiles it
-with ``torch.utils.cpp_extension`` (g++ and ninja; about a minute, once per source version: the
-build is cached under the extension name, which carries a hash of the source) and returns the
-op, or None where it cannot be built (no compiler, ``TORCH_BN_CPP=0``), with one warning
-saying so; torch_bn then runs the same math through its Python paths.
+with ``torch.utils.cpp_extension`` (g++ and ninja, about a minute) the first time it is asked
+for, and returns the op. The build is cached in torch's extensions folder (``TORCH_EXTENSIONS_DIR``,
+default ~/.cache/torch_extensions) under a name that hashes the source and torch's version, so
+later processes only load it. Where it cannot be built (no compiler, no ninja) :func:`op` warns
+once and returns None, and torch_bn runs the same math through its Python paths;
+``TORCH_BN_CPP=0`` switches the op off without trying.
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ _op = None  # the op once loaded, False where it cannot be
 
 
 def extension_name() -> str:
-    """The extension's name: one build (and cache folder) per version of the source."""
-    return "torch_bn_cpp_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    """The extension's name: one build (and cache folder) per version of the source and of torch,
+    so that worktrees with different sources never share a build."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return "torch_bn_cpp_" + digest
 
 
 def _build():
