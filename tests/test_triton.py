@@ -195,8 +195,10 @@ def test_compile_fullgraph_with_triton_custom_ops(triton_everywhere):
 
 
 def test_kernels_compile_for_hopper_without_spills_and_with_vector_loads(tmp_path):
-    """Compile every kernel for sm_90 with Triton's own ptxas (no GPU needed): catches what the
-    interpreter cannot (compile errors, spills) and checks that x-sized data moves in 128-bit accesses."""
+    """Compile every kernel for sm_90 with Triton's own ptxas (no GPU needed), for the benchmark
+    shapes and 4D, channels-last and odd-sized variants: catches what the interpreter cannot
+    (compile errors, spills), checks that x-sized data moves in 128-bit accesses where the layout
+    allows it, and that 2D and channels-last input index without integer division."""
     import json
     import os
     import subprocess
@@ -205,16 +207,30 @@ def test_kernels_compile_for_hopper_without_spills_and_with_vector_loads(tmp_pat
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "compile.json"
     proc = subprocess.run([sys.executable, "-m", "bench.compile_check", "--json", str(out)], env=env,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=400,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"_stats_partial", "_stats_combine", "_normalize", "_backward_partial",
                                            "_backward_combine", "_backward_dx", "_small_forward", "_small_backward"}
+    assert {r["variant"] for r in rows} >= {"nchw L=56x56", "nchw L=14x14", "nchw L=7x7", "nhwc C=64", "nhwc C=3"}
     assert all(r["local"] == 0 for r in rows), [r for r in rows if r["local"]]
-    data_kernels = [r for r in rows if r["kernel"] in ("_stats_partial", "_normalize", "_backward_partial",
-                                                        "_backward_dx", "_small_forward", "_small_backward")]
-    assert all(r["vector_loads"] == 1.0 for r in data_kernels), [r for r in data_kernels if r["vector_loads"] < 1]
+    data_kernels = ("_stats_partial", "_normalize", "_backward_partial", "_backward_dx", "_small_forward",
+                    "_small_backward")
+    # Channels innermost (2D, channels-last) with C % 16 == 0: every load is 128-bit, x's and the
+    # per-channel vectors' alike.
+    wide = [r for r in rows if r["kernel"] in data_kernels and r["l"] == 1 and r["c"] % 16 == 0]
+    assert wide and all(r["vector_loads"] == 1.0 for r in wide), [r for r in wide if r["vector_loads"] < 1]
+    # NCHW with L % 16 == 0: x is read in 128-bit loads (the statistics kernel loads nothing else).
+    nchw = [r for r in rows if r["kernel"] == "_stats_partial" and r["variant"] == "nchw L=56x56"]
+    assert nchw and all(r["vector_loads"] == 1.0 for r in nchw), nchw
+    # NCHW with L = 14x14 (L % 4 == 0, not 16): the ROW_VEC hints give float32 x 128-bit loads and
+    # stores (without them, none; the remaining scalar loads are the per-channel vectors).
+    l196 = [r for r in rows if r["variant"] == "nchw L=14x14" and r["dtype"] == "fp32" and r["kernel"] in data_kernels]
+    assert l196 and all(r["vector_loads"] >= 0.75 and r["vector_stores"] >= 0.75 for r in l196), l196
+    # L == 1 is a compile-time constant: no division or remainder by L.
+    flat = [r for r in rows if r["l"] == 1]
+    assert all(r["int_div"] == 0 for r in flat), [r for r in flat if r["int_div"]]
 
 
 def test_tuning_script_runs_every_setting(tmp_path):
@@ -318,7 +334,7 @@ def _offsets_probe(ROWS, COLS, OUT, C, L, INT64: tl.constexpr):
     # The kernels' element offsets for 4 rows x 4 channels, as int64.
     rows = tl.load(ROWS + tl.arange(0, 4))
     cols = tl.load(COLS + tl.arange(0, 4))
-    off, _ = triton_kernels._tile(rows, rows >= 0, cols, cols >= 0, C, L, INT64, 1, 1)
+    off, _ = triton_kernels._tile(rows, rows >= 0, cols, cols >= 0, C, L, INT64, 1)
     tl.store(OUT + tl.arange(0, 4)[:, None] * 4 + tl.arange(0, 4)[None, :], off.to(tl.int64))
 
 

@@ -55,15 +55,15 @@ if not (hasattr(torch.library, "custom_op") and hasattr(torch.library, "register
 
 
 @triton.jit
-def _tile(rows, rmask, cols, cmask, C, L, INT64: tl.constexpr, ROW_VEC: tl.constexpr, COL_VEC: tl.constexpr):
+def _tile(rows, rmask, cols, cmask, C, L, INT64: tl.constexpr, ROW_VEC: tl.constexpr):
     # Offsets and mask of the (rows x cols) tile of the (N, C, L) view: element (r, c) with
     # r = n * L + l lies at (n * C + c) * L + l. With INT64 the rows and columns arrive as int64
     # and every product below is int64. Triton specializes L == 1 to a constant, so 2D and
-    # channels-last input index without a division. The hints tell the compiler what it cannot
-    # see through the runtime C and L: runs of ROW_VEC rows (L > 1, L % ROW_VEC == 0, tiles start
-    # at multiples of ROW_VEC, row counts are multiples of L) or COL_VEC channels (L == 1,
-    # C % COL_VEC == 0) are contiguous, start at a multiple of that many elements, and are all in
-    # or all out of the mask: what 128-bit loads and stores need.
+    # channels-last input index without a division (and vectorize along channels when Triton
+    # marks C divisible by 16). For L > 1 the hints tell the compiler what it cannot see through
+    # the division by the runtime L: runs of ROW_VEC rows (L % ROW_VEC == 0, tiles start at
+    # multiples of ROW_VEC, row counts are multiples of L) are contiguous, start at a multiple of
+    # ROW_VEC elements, and are all in or all out of the mask: what vector loads and stores need.
     if INT64:
         rows = rows.to(tl.int64)
         cols = cols.to(tl.int64)
@@ -73,9 +73,6 @@ def _tile(rows, rmask, cols, cmask, C, L, INT64: tl.constexpr, ROW_VEC: tl.const
     if ROW_VEC > 1:
         off = tl.max_contiguous(tl.multiple_of(off, [ROW_VEC, 1]), [ROW_VEC, 1])
         mask = tl.max_constancy(mask, [ROW_VEC, 1])
-    if COL_VEC > 1:
-        off = tl.multiple_of(off, [1, COL_VEC])
-        mask = tl.max_constancy(mask, [1, COL_VEC])
     return off, mask
 
 
@@ -122,7 +119,6 @@ def _stats_partial(
     ROWS_PER_PROG,  # rows of each chunk (a multiple of BLOCK_R)
     INT64: tl.constexpr,  # element offsets in int64 (tensors of about 2^31 elements or more)
     ROW_VEC: tl.constexpr,  # contiguous aligned runs along rows (L > 1), else 1: see _tile
-    COL_VEC: tl.constexpr,  # contiguous aligned runs along channels (L == 1), else 1: see _tile
     BLOCK_R: tl.constexpr,  # rows per loop step
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -137,7 +133,7 @@ def _stats_partial(
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         rmask = rows < r_end
-        off, mask = _tile(rows, rmask, cols, cmask, C, L, INT64, ROW_VEC, COL_VEC)
+        off, mask = _tile(rows, rmask, cols, cmask, C, L, INT64, ROW_VEC)
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         valid = rmask[:, None]
         count += valid.to(tl.float32)
@@ -214,7 +210,6 @@ def _normalize(
     HAS_B: tl.constexpr,  # add B
     INT64: tl.constexpr,  # element offsets in int64
     ROW_VEC: tl.constexpr,  # contiguous aligned runs along rows, see _tile
-    COL_VEC: tl.constexpr,  # contiguous aligned runs along channels, see _tile
     BLOCK_R: tl.constexpr,  # rows per loop step
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -228,7 +223,7 @@ def _normalize(
     r0, r_end = _row_chunk(tl.program_id(1), R, ROWS_PER_PROG, INT64)
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
-        off, mask = _tile(rows, rows < r_end, cols, cmask, C, L, INT64, ROW_VEC, COL_VEC)
+        off, mask = _tile(rows, rows < r_end, cols, cmask, C, L, INT64, ROW_VEC)
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
@@ -248,7 +243,6 @@ def _backward_partial(
     ROWS_PER_PROG,  # rows of each chunk (a multiple of BLOCK_R)
     INT64: tl.constexpr,  # element offsets in int64
     ROW_VEC: tl.constexpr,  # contiguous aligned runs along rows, see _tile
-    COL_VEC: tl.constexpr,  # contiguous aligned runs along channels, see _tile
     BLOCK_R: tl.constexpr,  # rows per loop step
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -262,7 +256,7 @@ def _backward_partial(
     r0, r_end = _row_chunk(pid_r, R, ROWS_PER_PROG, INT64)
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
-        off, mask = _tile(rows, rows < r_end, cols, cmask, C, L, INT64, ROW_VEC, COL_VEC)
+        off, mask = _tile(rows, rows < r_end, cols, cmask, C, L, INT64, ROW_VEC)
         dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         db += dy
@@ -313,7 +307,6 @@ def _backward_dx(
     HAS_W: tl.constexpr,  # scale by W
     INT64: tl.constexpr,  # element offsets in int64
     ROW_VEC: tl.constexpr,  # contiguous aligned runs along rows, see _tile
-    COL_VEC: tl.constexpr,  # contiguous aligned runs along channels, see _tile
     BLOCK_R: tl.constexpr,  # rows per loop step
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -327,7 +320,7 @@ def _backward_dx(
     r0, r_end = _row_chunk(tl.program_id(1), R, ROWS_PER_PROG, INT64)
     for start in range(r0, r_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
-        off, mask = _tile(rows, rows < r_end, cols, cmask, C, L, INT64, ROW_VEC, COL_VEC)
+        off, mask = _tile(rows, rows < r_end, cols, cmask, C, L, INT64, ROW_VEC)
         dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
         xhat = (tl.load(X + off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
         dx = g[None, :] * (dy - db_m[None, :] - xhat * dw_m[None, :])
@@ -350,7 +343,6 @@ def _small_forward(
     HAS_B: tl.constexpr,  # add B
     INT64: tl.constexpr,  # element offsets in int64
     ROW_VEC: tl.constexpr,  # contiguous aligned runs along rows, see _tile
-    COL_VEC: tl.constexpr,  # contiguous aligned runs along channels, see _tile
     BLOCK_R: tl.constexpr,  # rows in the tile: all of them
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -358,7 +350,7 @@ def _small_forward(
     # normalize and store. One launch; one read and one write of x.
     cols, cmask = _columns(tl.program_id(0), C, BLOCK_C, INT64)
     rows = tl.arange(0, BLOCK_R)
-    off, mask = _tile(rows, rows < R, cols, cmask, C, L, INT64, ROW_VEC, COL_VEC)
+    off, mask = _tile(rows, rows < R, cols, cmask, C, L, INT64, ROW_VEC)
     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / R
     d = tl.where(mask, x - mean[None, :], 0.0)
@@ -388,14 +380,13 @@ def _small_backward(
     HAS_W: tl.constexpr,  # scale dx by W
     INT64: tl.constexpr,  # element offsets in int64
     ROW_VEC: tl.constexpr,  # contiguous aligned runs along rows, see _tile
-    COL_VEC: tl.constexpr,  # contiguous aligned runs along channels, see _tile
     BLOCK_R: tl.constexpr,  # rows in the tile: all of them
     BLOCK_C: tl.constexpr,  # channels per program
 ):
     # Whole columns in one program: both reductions and dx from one read of dy and x.
     cols, cmask = _columns(tl.program_id(0), C, BLOCK_C, INT64)
     rows = tl.arange(0, BLOCK_R)
-    off, mask = _tile(rows, rows < R, cols, cmask, C, L, INT64, ROW_VEC, COL_VEC)
+    off, mask = _tile(rows, rows < R, cols, cmask, C, L, INT64, ROW_VEC)
     mean = _per_channel(MEAN, cols, cmask)
     rstd = _per_channel(RSTD, cols, cmask)
     dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
@@ -501,11 +492,10 @@ class LaunchConfig:
     num_warps: int  # of the data kernels
     int64: bool  # element offsets in int64: tensors of about 2^31 elements or more
     row_vec: int  # aligned contiguous run length along rows claimed to the compiler (L > 1), else 1
-    col_vec: int  # aligned contiguous run length along channels claimed to the compiler (L == 1), else 1
 
     def kernel_layout(self) -> dict[str, object]:
         """The layout constexprs every data kernel takes."""
-        return dict(INT64=self.int64, ROW_VEC=self.row_vec, COL_VEC=self.col_vec)
+        return dict(INT64=self.int64, ROW_VEC=self.row_vec)
 
 
 def needs_int64(r: int, c: int) -> bool:
@@ -529,10 +519,9 @@ def _launch_config(x: Tensor, sm_count: int | None = None) -> LaunchConfig:
     r, c, l_ = view
     int64 = needs_int64(r, c)
 
-    def vectors(block_r: int, block_c: int) -> dict[str, int]:
-        # Runs the _tile hints may claim: L's (or, for L == 1, C's) power-of-two factor, within a tile.
-        return dict(row_vec=_pow2_factor(l_, min(MAX_VEC, block_r)) if l_ > 1 else 1,
-                    col_vec=_pow2_factor(c, min(MAX_VEC, block_c)) if l_ == 1 else 1)
+    def row_vec(block_r: int) -> int:
+        # The runs _tile's hints may claim: L's power-of-two factor, within a tile.
+        return _pow2_factor(l_, min(MAX_VEC, block_r)) if l_ > 1 else 1
 
     block_r = triton.next_power_of_2(r)
     block_c = min(triton.next_power_of_2(c), SMALL_ELEMENTS // block_r)
@@ -540,7 +529,7 @@ def _launch_config(x: Tensor, sm_count: int | None = None) -> LaunchConfig:
     # tiles would read x with a stride of C.
     if block_c >= min(triton.next_power_of_2(c), SMALL_MIN_COLS if l_ == 1 else 1):
         return LaunchConfig(True, r, c, l_, block_r, block_c, block_r, 1, 1, (triton.cdiv(c, block_c),),
-                            SMALL_WARPS, int64, **vectors(block_r, block_c))
+                            SMALL_WARPS, int64, row_vec(block_r))
     block_c = min(triton.next_power_of_2(c), 64 if l_ == 1 else 16)
     block_r = max(16, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(r)))
     c_blocks = triton.cdiv(c, block_c)
@@ -553,7 +542,7 @@ def _launch_config(x: Tensor, sm_count: int | None = None) -> LaunchConfig:
     # Channel blocks on axis 0 (up to 2^31 - 1 programs); the row chunks (about target / c_blocks,
     # a few hundred at most) on axis 1, which CUDA limits to 65535.
     return LaunchConfig(False, r, c, l_, block_r, block_c, rows_per_prog, p, _block_p(p, block_c), (c_blocks, p),
-                        CHUNKED_WARPS, int64, **vectors(block_r, block_c))
+                        CHUNKED_WARPS, int64, row_vec(block_r))
 
 
 def _device_guard(device: torch.device):
