@@ -80,9 +80,10 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     """
     if staged or double_backward or torch._C._are_functorch_transforms_active():
         return "reference"
-    if (USE_TRITON and (x.is_cuda or TRITON_ON_CPU) and x.dtype in TRITON_DTYPES
-            and _triton_kernels() is not None):
-        return "triton"
+    if USE_TRITON and (x.is_cuda or TRITON_ON_CPU) and x.dtype in TRITON_DTYPES:
+        kernels = _triton_kernels()
+        if kernels is not None and kernels.supports(x):
+            return "triton"
     if torch.compiler.is_compiling():
         return "reference"
     return "fused" if x.numel() >= FUSED_MIN_ELEMENTS else "reference"
