@@ -169,6 +169,7 @@ def test_triton_can_be_switched_off(triton_everywhere, monkeypatch):
     torch.testing.assert_close(y, nn.BatchNorm1d(3, device=DEVICE)(x))
 
 
+@pytest.mark.slow
 def test_triton_switch_reads_the_environment():
     import os
     import subprocess
@@ -194,6 +195,7 @@ def test_compile_fullgraph_with_triton_custom_ops(triton_everywhere):
     torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper_without_spills_and_with_vector_loads(tmp_path):
     """Compile every kernel for sm_90 with Triton's own ptxas (no GPU needed), for the benchmark
     shapes and 4D, channels-last and odd-sized variants: catches what the interpreter cannot
@@ -233,6 +235,7 @@ def test_kernels_compile_for_hopper_without_spills_and_with_vector_loads(tmp_pat
     assert all(r["int_div"] == 0 for r in flat), [r for r in flat if r["int_div"]]
 
 
+@pytest.mark.slow
 def test_tuning_script_runs_every_setting(tmp_path):
     """bench/tune_triton.py is meant for the few minutes a GPU is lent: a smoke run on one tiny
     shape (in the interpreter without a GPU) proves it measures every knob setting and writes its JSON."""
@@ -479,6 +482,7 @@ def test_import_fails_with_importerror_when_custom_ops_cannot_register(failure, 
         spec.loader.exec_module(module)
 
 
+@pytest.mark.slow
 def test_correctness_script_runs_in_the_interpreter():
     """bench/cuda_correctness.py (device_check.sh's first step, torch and Triton only) on its tiny
     CPU case list, so that it cannot rot between GPU runs."""
