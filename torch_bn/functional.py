@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .function import BatchNormFunction
+from .function import BatchNormFunction, CompiledBatchNormFunction
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
@@ -130,7 +130,8 @@ def batch_norm(
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias)
 
-    y, mean, var = BatchNormFunction.apply(input, weight, bias, eps, backward)
+    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    y, mean, var = function.apply(input, weight, bias, eps, backward)
     with torch.no_grad():
         # running = (1 - momentum) * running + momentum * batch, as lerp: one op per buffer.
         if running_mean is not None:
