@@ -272,6 +272,7 @@ def test_running_stats_tangents_ignored_in_eval_as_pytorch():
 
 # 9. back to torch.nn --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_convert_back_to_torch_nn():
     original = torchvision.models.resnet18(num_classes=10)
     model = torch_bn.convert(torchvision.models.resnet18(num_classes=10))

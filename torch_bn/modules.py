@@ -145,7 +145,7 @@ class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
 
 
 class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
-    __doc__ = _doc("BatchNorm3d", "5D", r":math:`(N, C, D, H, W)`", "20, 100, 35, 45, 10")
+    __doc__ = _doc("BatchNorm3d", "5D", r":math:`(N, C, D, H, W)`", "4, 100, 8, 8, 8")
 
 
 class _LazyBatchNorm(_BatchNorm):
@@ -180,7 +180,7 @@ class LazyBatchNorm2d(_LazyBatchNorm, nn.LazyBatchNorm2d):
 
 
 class LazyBatchNorm3d(_LazyBatchNorm, nn.LazyBatchNorm3d):
-    __doc__ = _doc("LazyBatchNorm3d", "5D", r":math:`(N, C, D, H, W)`", "20, 100, 35, 45, 10", lazy=True)
+    __doc__ = _doc("LazyBatchNorm3d", "5D", r":math:`(N, C, D, H, W)`", "4, 100, 8, 8, 8", lazy=True)
     cls_to_become = BatchNorm3d
 
 
