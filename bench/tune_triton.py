@@ -52,9 +52,10 @@ def main() -> None:
     args = p.parse_args()
     if args.device != "cuda":  # the kernels in Triton's interpreter (TRITON_INTERPRET=1): a smoke run
         function.TRITON_ON_CPU = True
-    kernels = function._triton_kernels()
-    if kernels is None:
-        raise SystemExit("Triton is not installed: nothing to tune")
+    try:
+        from torch_bn import triton_kernels as kernels
+    except ImportError as e:
+        raise SystemExit(f"the Triton kernels cannot be imported ({e}): nothing to tune") from None
     shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES)
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
     tries = settings()

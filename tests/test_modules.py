@@ -132,12 +132,6 @@ def test_state_dict_loads_both_ways():
     theirs.load_state_dict(ours.state_dict())
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(theirs.state_dict()[k], v)
-    # A version-1 checkpoint (no num_batches_tracked) loads with the counter at 0.
-    old = theirs.state_dict()
-    del old["num_batches_tracked"]
-    old._metadata = {"": {"version": 1}}
-    ours.load_state_dict(old)
-    assert ours.num_batches_tracked.item() == 0
 
 
 def test_reset_and_repr():

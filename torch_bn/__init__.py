@@ -5,6 +5,8 @@ application that trains with it is the separate package ``cifar_bn``.
 """
 from . import functional, ops
 from .function import BatchNormFunction
-from .modules import BatchNorm1d, BatchNorm2d, convert
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
+                      LazyBatchNorm3d, convert)
 
-__all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "convert", "functional", "ops"]
+__all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
+           "LazyBatchNorm2d", "LazyBatchNorm3d", "convert", "functional", "ops"]

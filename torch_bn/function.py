@@ -90,9 +90,10 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     """
     if staged or double_backward or torch._C._are_functorch_transforms_active():
         return "reference"
-    if (USE_TRITON and (x.is_cuda or TRITON_ON_CPU) and x.dtype in TRITON_DTYPES
-            and _triton_kernels() is not None):
-        return "triton"
+    if USE_TRITON and (x.is_cuda or TRITON_ON_CPU) and x.dtype in TRITON_DTYPES:
+        kernels = _triton_kernels()
+        if kernels is not None and kernels.supports(x):
+            return "triton"
     if torch.compiler.is_compiling():
         return "reference"
     small = x.numel() < FUSED_MIN_ELEMENTS
@@ -109,7 +110,9 @@ class BatchNormFunction(torch.autograd.Function):
     backward: "closed_form" (default formula) or "staged" (node-by-node).
     Outputs: y like x; the batch mean and biased variance (C,) in compute dtype, which are not
     differentiable (callers use them to update running statistics).
-    Saves for backward: x, weight, mean and var; nothing of x's size beyond x itself.
+    Saves for backward (and for jvp): x, weight, mean and var; nothing of x's size beyond x.
+    Forward-mode AD (``jvp``: torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian)
+    gives y's tangent in closed form; mean and var carry no tangent (non-differentiable).
     """
 
     generate_vmap_rule = True
@@ -132,9 +135,16 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
         ctx.eps = eps
         ctx.backward = backward
         ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _eps, _backward):
+        x, weight, mean, var = ctx.saved_tensors
+        dy = ops.training_jvp(dx, dweight, dbias, x, mean, torch.rsqrt(var + ctx.eps), weight)
+        return dy, None, None
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, _dmean, _dvar):
@@ -164,3 +174,12 @@ class BatchNormFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+class CompiledBatchNormFunction(BatchNormFunction):
+    """BatchNormFunction without ``jvp``, for code ``torch.compile`` traces: Dynamo cannot trace
+    an autograd Function that defines a custom ``jvp`` (it would break the graph), so compiled
+    code has reverse-mode AD only. Eager code, torch.func and forward_ad use BatchNormFunction."""
+
+    jvp = staticmethod(torch.autograd.Function.jvp)
+

@@ -6,11 +6,13 @@ is a plain per-channel affine map built from tensor ops, so autograd differentia
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import ops
-from .function import BatchNormFunction
+from .function import BatchNormFunction, CompiledBatchNormFunction
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
@@ -21,23 +23,73 @@ class UnsupportedDtypeError(TypeError, NotImplementedError):
     """Non-floating input. A NotImplementedError as in PyTorch, and a TypeError."""
 
 
-def check_input(input: Tensor, training: bool, *channel_vectors: tuple[str, Tensor | None]) -> None:
-    """Raise a clear error for input batch norm cannot normalize; mirrors PyTorch's checks."""
+class InputShapeError(ValueError, IndexError, RuntimeError):
+    """0-D or 1-D input (no channel dimension). PyTorch raises IndexError (RuntimeError in
+    evaluation mode with running statistics); a ValueError too, as for wrong dims in the modules."""
+
+
+class RunningStatsError(ValueError, RuntimeError):
+    """Only one of running_mean / running_var given (PyTorch: ValueError), or neither in
+    evaluation mode (PyTorch: RuntimeError)."""
+
+
+class DtypeMismatchError(TypeError, RuntimeError):
+    """Parameters or running statistics in another dtype than the input allows. A RuntimeError
+    as in PyTorch, and a TypeError."""
+
+
+def _check_dtypes(input: Tensor, tensors: tuple[tuple[str, Tensor | None], ...]) -> None:
+    """PyTorch's rule: weight, bias and the running statistics share one dtype, the input's, or
+    float32 for float16/bfloat16 input (mixed precision)."""
+    given = [(name, t.dtype) for name, t in tensors if t is not None]
+    allowed = {input.dtype, ops.compute_dtype(input)}
+    for name, dtype in given:
+        if dtype not in allowed or dtype != given[0][1]:
+            raise DtypeMismatchError(
+                f"batch_norm got {input.dtype} input with "
+                + ", ".join(f"{n} in {d}" for n, d in given)
+                + f"; weight, bias, running_mean and running_var must all be {input.dtype}"
+                + (" (or all float32)" if ops.compute_dtype(input) != input.dtype else "")
+                + f": convert the module (module.to({input.dtype})) or the input "
+                f"(input.to({given[0][1]}))")
+
+
+def check_input(input: Tensor, training: bool, eps: float, running_mean: Tensor | None,
+                running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None) -> None:
+    """Raise a clear error for input batch norm cannot normalize; mirrors PyTorch's checks and
+    exception types (a caller's ``except`` written for ``F.batch_norm`` catches these)."""
     if not input.is_floating_point():
         raise UnsupportedDtypeError(
             f"batch_norm expects a floating-point input, got {input.dtype}; "
             f"convert it first, e.g. input.float()")
     if input.dim() < 2:
-        raise ValueError(f"batch_norm expects input of shape (N, C) or (N, C, *), got {input.dim()}D input "
-                         f"of shape {tuple(input.shape)}")
+        raise InputShapeError(f"batch_norm expects input of shape (N, C) or (N, C, *), got {input.dim()}D input "
+                              f"of shape {tuple(input.shape)}; add a batch dimension, e.g. input.unsqueeze(0)")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}; "
+                         f"use a small positive eps such as 1e-5")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}; use e.g. 1e-5")
+    if (running_mean is None) != (running_var is None):
+        raise RunningStatsError("running_mean and running_var must either both be None or neither be None; "
+                                "pass both (training updates them, evaluation uses them) or neither")
+    if not training and running_mean is None:
+        raise RunningStatsError("batch_norm in evaluation mode (training=False) needs running_mean and "
+                                "running_var; pass them, or use training=True for batch statistics")
     channels = input.shape[1]
-    for name, v in channel_vectors:
+    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    for name, v in named:
         if v is not None and v.numel() != channels:
             raise ChannelMismatchError(
                 f"{name} has {v.numel()} elements but the input has {channels} channels (dim 1) "
                 f"in shape {tuple(input.shape)}; build the layer with num_features={channels} "
                 f"or feed it input with {v.numel()} channels")
-    if training and input.numel() // max(channels, 1) <= 1:
+    _check_dtypes(input, named)
+    if running_mean is not None and torch.is_grad_enabled() and (running_mean.requires_grad or running_var.requires_grad):
+        raise RuntimeError("running_mean and running_var must not require grad: batch norm does not "
+                           "differentiate with respect to them (PyTorch neither); pass them detached, "
+                           "e.g. running_mean.detach(), or register them as buffers")
+    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
         # Same message as PyTorch: a variance needs at least two values per channel.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
@@ -64,16 +116,22 @@ def batch_norm(
     """
     if backward not in ops.BACKWARDS:
         raise ValueError(f"backward must be one of {ops.BACKWARDS}, got {backward!r}")
-    check_input(input, training, ("running_mean", running_mean), ("running_var", running_var),
-                ("weight", weight), ("bias", bias))
+    if input.dim() < 2 and input.numel() == 0:  # empty 1-D input: empty output, as PyTorch
+        return input.clone()
+    check_input(input, training, eps, running_mean, running_var, weight, bias)
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm in evaluation mode (training=False) needs running_mean and "
-                             "running_var; pass them, or use training=True for batch statistics")
-        return ops.normalize(input, running_mean.to(ops.compute_dtype(input)),
-                             torch.rsqrt(running_var.to(ops.compute_dtype(input)) + eps), weight, bias)
+        # The running statistics are constants here, as in PyTorch: no gradient, no tangent.
+        dtype = ops.compute_dtype(input)
+        return ops.normalize(input, running_mean.detach().to(dtype),
+                             torch.rsqrt(running_var.detach().to(dtype) + eps), weight, bias)
+    if input.numel() == 0:
+        # Empty batch: empty output, zero gradients for weight and bias, running statistics
+        # unchanged (PyTorch's behaviour; the module still counts the batch).
+        ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
+        return ops.normalize(input, ones * 0, ones, weight, bias)
 
-    y, mean, var = BatchNormFunction.apply(input, weight, bias, eps, backward)
+    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    y, mean, var = function.apply(input, weight, bias, eps, backward)
     with torch.no_grad():
         # running = (1 - momentum) * running + momentum * batch, as lerp: one op per buffer.
         if running_mean is not None:

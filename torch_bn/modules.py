@@ -1,9 +1,15 @@
-"""Drop-in modules ``BatchNorm1d`` / ``BatchNorm2d`` and ``convert``.
+"""Drop-in modules ``BatchNorm1d/2d/3d``, ``LazyBatchNorm1d/2d/3d`` and ``convert``.
 
-Same arguments, parameters, buffers, state_dict keys and behaviour as ``torch.nn``'s, so a
-checkpoint of either loads into the other. As in ``torch/nn/modules/batchnorm.py`` a small
-base class holds the state; ``forward`` picks the averaging factor and makes one
-functional call; subclasses only check the input's dimensions.
+Each class subclasses its ``torch.nn`` namesake, so ``isinstance(m, nn.BatchNorm2d)`` holds and
+every tool that finds batch-norm layers that way (``nn.SyncBatchNorm.convert_sync_batchnorm``,
+BN-freezing loops, "no weight decay on norm layers" parameter groups, torchvision's init code)
+handles them. Inherited from ``torch.nn`` and unchanged: the parameters and buffers, their
+initialization (``reset_parameters``, ``reset_running_stats``), ``__constants__``, the state_dict
+versioning (an old checkpoint without ``num_batches_tracked`` keeps the module's count), the
+per-class input-dimension check and the lazy initialization. torch_bn's own: ``forward`` (the
+averaging factor, then one call of :func:`torch_bn.functional.batch_norm`, which updates the
+running statistics and runs :class:`~torch_bn.function.BatchNormFunction`), the ``backward=``
+argument, and ``extra_repr``.
 """
 from __future__ import annotations
 
@@ -13,14 +19,72 @@ from torch import Tensor, nn
 from . import ops
 from .functional import batch_norm
 
+_DOC = r"""Batch normalization over a {dims} input; a drop-in for :class:`torch.nn.{name}` (a subclass of it).
 
-class _BatchNorm(nn.Module):
-    _version = 2  # version 2 added num_batches_tracked, as in PyTorch
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
+    .. math::
+
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} * \gamma + \beta
+
+    Mean and biased variance are taken per channel over every dimension but dim 1 in training
+    (torch_bn's forward and closed-form backward, :class:`~torch_bn.function.BatchNormFunction`);
+    the running estimates, kept with the unbiased variance, are used in evaluation mode.
+    {lazy}
+    Args:
+        {num_features}eps: a value added to the variance for numerical stability; must be positive
+            in training and non-negative in evaluation. Default: 1e-5
+        momentum: weight of each new batch in the running estimates,
+            ``running = (1 - momentum) * running + momentum * batch``. ``None`` for a cumulative
+            moving average (simple average). Default: 0.1
+        affine: learnable per-channel scale :math:`\gamma` (weight, ones) and shift :math:`\beta`
+            (bias, zeros). Default: ``True``
+        track_running_stats: keep running estimates (buffers ``running_mean``, ``running_var``,
+            ``num_batches_tracked``); if ``False`` they are ``None`` and batch statistics are used
+            in evaluation mode too. Default: ``True``
+        device, dtype: where and in which dtype parameters and buffers are created.
+        bias: if ``False`` (with ``affine``), no learnable shift. Default: ``True``
+        backward: ``"closed_form"`` (the derived formula, docs/derivation.md) or ``"staged"`` (the
+            node-by-node backward, for comparison; same gradients). Default: ``"closed_form"``
+
+    Shape:
+        - Input: {shape}
+        - Output: same shape as input
+
+    Examples::
+
+        >>> m = torch_bn.{name}({example_args})
+        >>> m = torch_bn.{name}({example_args_noaffine})            # without learnable parameters
+        >>> m = torch_bn.{name}({example_args_staged})   # node-by-node backward
+        >>> isinstance(m, nn.{name})
+        True
+        >>> output = m(torch.randn({example_input})){after}
+    """
+
+
+def _doc(name: str, dims: str, shape: str, example_input: str, lazy: bool = False) -> str:
+    c = "" if lazy else "100"
+    sep = "" if lazy else ", "
+    return _DOC.format(
+        name=name, dims=dims, shape=shape, example_input=example_input,
+        after=f"\n        >>> type(m).__name__     # materialized\n        '{name[4:]}'" if lazy else "",
+        lazy=("\n    ``num_features`` is inferred from ``input.size(1)`` at the first call, which turns the "
+              f"module into a :class:`{name.replace('Lazy', '')}`\n    (as :class:`torch.nn.{name}`).\n"
+              if lazy else ""),
+        num_features="" if lazy else "num_features: number of channels :math:`C` (dim 1 of the input)\n        ",
+        example_args=c, example_args_noaffine=f"{c}{sep}affine=False",
+        example_args_staged=f"{c}{sep}backward=\"staged\"")
+
+
+def _check_backward(backward: str) -> str:
+    if backward not in ops.BACKWARDS:
+        raise ValueError(f"backward must be one of {ops.BACKWARDS}, got {backward!r}")
+    return backward
+
+
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """What torch_bn's batch-norm classes add to ``nn.modules.batchnorm._BatchNorm``: ``backward=``
+    and a forward that calls :func:`torch_bn.functional.batch_norm`."""
+
+    backward: str
 
     def __init__(
         self,
@@ -35,64 +99,20 @@ class _BatchNorm(nn.Module):
         bias: bool = True,
         backward: str = "closed_form",
     ) -> None:
-        super().__init__()
-        if backward not in ops.BACKWARDS:
-            raise ValueError(f"backward must be one of {ops.BACKWARDS}, got {backward!r}")
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        _check_backward(backward)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backward = backward
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
+        s = super().extra_repr()
         return s if self.backward == "closed_form" else s + f", backward={self.backward!r}"
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        # Checkpoints from before version 2 have no num_batches_tracked: start it at 0.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx symbolic tracing: record this layer as one call of the module, as torch.fx
+            # does for torch.nn's own layers (leaf modules), so that the graph runs this forward:
+            # input checks, running-statistics update and the train/eval switch included.
+            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
         # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
         factor = 0.0 if self.momentum is None else self.momentum
@@ -116,43 +136,103 @@ class _BatchNorm(nn.Module):
         )
 
 
-class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) input; a drop-in for ``nn.BatchNorm1d``."""
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    __doc__ = _doc("BatchNorm1d", "2D or 3D", r":math:`(N, C)` or :math:`(N, C, L)`", "20, 100")
 
 
-class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) input; a drop-in for ``nn.BatchNorm2d``."""
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    __doc__ = _doc("BatchNorm2d", "4D", r":math:`(N, C, H, W)`", "20, 100, 35, 45")
 
 
-_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d}
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    __doc__ = _doc("BatchNorm3d", "5D", r":math:`(N, C, D, H, W)`", "4, 100, 8, 8, 8")
 
 
-def convert(module: nn.Module, backward: str = "closed_form") -> nn.Module:
-    """Replace every ``nn.BatchNorm1d``/``nn.BatchNorm2d`` in ``module`` by torch_bn's.
+class _LazyBatchNorm(_BatchNorm):
+    """The lazy classes' constructor: nn's lazy one (no ``num_features``), plus ``backward=``."""
 
-    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: parameters and buffers are shared
-    with the originals (so an optimizer built before still holds them), training mode is
-    kept, and the converted module is returned (``module`` itself unless it is a BN layer).
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        backward: str = "closed_form",
+    ) -> None:
+        _check_backward(backward)
+        # Past _BatchNorm.__init__ (it takes num_features) to nn's _LazyNormBase.__init__.
+        super(_BatchNorm, self).__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.backward = backward
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, nn.LazyBatchNorm1d):
+    __doc__ = _doc("LazyBatchNorm1d", "2D or 3D", r":math:`(N, C)` or :math:`(N, C, L)`", "20, 100", lazy=True)
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, nn.LazyBatchNorm2d):
+    __doc__ = _doc("LazyBatchNorm2d", "4D", r":math:`(N, C, H, W)`", "20, 100, 35, 45", lazy=True)
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, nn.LazyBatchNorm3d):
+    __doc__ = _doc("LazyBatchNorm3d", "5D", r":math:`(N, C, D, H, W)`", "4, 100, 8, 8, 8", lazy=True)
+    cls_to_become = BatchNorm3d
+
+
+# Exact types: subclasses of nn's classes (SyncBatchNorm, user classes) are left alone.
+_TO_TORCH_BN: dict[type, type] = {
+    nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+    nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
+}
+_TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in _TO_TORCH_BN.items()}
+
+
+def _replace(module: nn.Module, new_cls: type, **kwargs) -> nn.Module:
+    """A new_cls module holding module's own parameters and buffers, in module's training mode."""
+    if issubclass(new_cls, nn.modules.lazy.LazyModuleMixin):
+        out = new_cls(module.eps, module.momentum, module.affine, module.track_running_stats,
+                      bias=module.bias is not None, **kwargs)
+    else:  # placeholders on the meta device, replaced by the originals' tensors below
+        out = new_cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, bias=module.bias is not None, device="meta", **kwargs)
+    for name, p in module.named_parameters(recurse=False):
+        setattr(out, name, p)
+    for name, b in module.named_buffers(recurse=False):
+        setattr(out, name, b)
+    out.train(module.training)
+    return out
+
+
+def convert(module: nn.Module, backward: str = "closed_form", *, to: str = "torch_bn") -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.LazyBatchNorm1d/2d/3d`` in ``module`` by
+    torch_bn's (``to="torch_bn"``), or every torch_bn layer by its ``torch.nn`` class
+    (``to="torch"``: for tools that know nn's classes by exact type, e.g. quantization's
+    ``fuse_modules``, TorchScript, ONNX export).
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: parameters and buffers are shared with the
+    originals (so an optimizer built before still holds them), training mode is kept, and the
+    converted module is returned (``module`` itself unless it is a BN layer). ``backward`` is the
+    torch_bn layers' backward (ignored with ``to="torch"``).
+
+    Example::
+
+        >>> model = torch_bn.convert(torchvision.models.resnet18())
+        >>> plain = torch_bn.convert(model, to="torch")   # nn.BatchNorm2d again, same tensors
     """
-    new_cls = _REPLACEMENTS.get(type(module))
+    if to not in ("torch_bn", "torch"):
+        raise ValueError(f"to must be 'torch_bn' or 'torch', got {to!r}")
+    _check_backward(backward)
+    table = _TO_TORCH_BN if to == "torch_bn" else _TO_TORCH
+    new_cls = table.get(type(module))
     out = module
     if new_cls is not None:
-        out = new_cls(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats, bias=module.bias is not None, backward=backward,
-                      device="meta")  # placeholders, replaced by the originals' tensors below
-        for name, p in module.named_parameters(recurse=False):
-            setattr(out, name, p)
-        for name, b in module.named_buffers(recurse=False):
-            setattr(out, name, b)
-        out.train(module.training)
+        out = _replace(module, new_cls, **({"backward": backward} if to == "torch_bn" else {}))
     for name, child in module.named_children():
-        out.add_module(name, convert(child, backward))
+        out.add_module(name, convert(child, backward, to=to))
     return out
