@@ -98,8 +98,9 @@ def test_gradcheck_and_gradgradcheck(op, shape, affine):
     def f(x, w=None, b=None):
         return op(x, w, b, None, None, 0.1, 1e-5)
 
-    assert gradcheck(f, args)
-    assert gradgradcheck(f, args)
+    # check_batched_grad: vmap over the backward, whose gradient is then a functorch wrapper.
+    assert gradcheck(f, args, check_batched_grad=True)
+    assert gradgradcheck(f, args, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0, 0.7])
@@ -224,3 +225,16 @@ def test_forward_without_autograd(op, mode):
     torch.testing.assert_close(y, ref)
     for a, t in zip(ours, theirs):
         torch.testing.assert_close(a, t)
+
+
+@pytest.mark.parametrize("shape, fmt", [((4, 3, 5, 6), torch.channels_last), ((3, 4, 2, 3, 2), torch.channels_last_3d)])
+def test_channels_last_is_read_in_place_and_kept(op, shape, fmt):
+    """Channels-last input is rows of C values: computed in place, y and dx channels-last, as PyTorch."""
+    x, w, b, dy = inputs(shape, torch.float64, seed=5)
+    xs = x.contiguous(memory_format=fmt).requires_grad_()
+    y = op(xs, w, b, None, None, 0.1, 1e-5)
+    (gx,) = torch.autograd.grad(y, xs, dy.contiguous(memory_format=fmt))
+    assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+    y64, grads64 = float64_grads(x, w, b, dy)
+    torch.testing.assert_close(y, y64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, grads64[0], rtol=1e-10, atol=1e-10)

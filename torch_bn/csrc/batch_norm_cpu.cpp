@@ -13,8 +13,8 @@
 //   "op-math" type (float for float16/bfloat16/float32, double for float64);
 // - running_mean / running_var move by lerp_ (running += momentum * (batch - running)) with
 //   the unbiased batch variance, the same ATen op the Python path uses.
-// When the backward is itself recorded (double backward), it runs the same closed form as
-// differentiable ATen ops instead of the loops.
+// When the backward is itself recorded (double backward) or its gradient is not a plain CPU
+// tensor (vmap over the backward), it runs the same closed form as differentiable ATen ops.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,7 +26,8 @@
 #include <cmath>
 #include <vector>
 
-namespace {
+// Named (not anonymous) so that the autograd node reads torch_bn_cpp::BatchNormFunction.
+namespace torch_bn_cpp {
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
@@ -35,15 +36,28 @@ using torch::autograd::variable_list;
 // Elements per parallel task: smaller inputs run on the calling thread (no thread wake-up).
 constexpr int64_t kGrain = 1 << 15;
 
-// x (N, C, *) seen as (N, C, L), contiguous.
+// x (N, C, *) seen as (N, C, L): N * C blocks of L values each, in memory order.
 struct Geometry {
   int64_t n, c, l;
   int64_t m() const { return n * l; }  // values per channel
 };
 
-Geometry geometry(const Tensor& x) {
-  const int64_t n = x.size(0), c = x.size(1);
-  return {n, c, n * c == 0 ? 1 : x.numel() / (n * c)};
+// The input in the memory order the loops read, and how they read it. A channels-last input
+// (N, *, C in memory) is N * H * W rows of C values: (N * H * W, C, 1), read in place, and the
+// output takes its layout, as PyTorch's; any other input is made contiguous, (N, C, L).
+struct Layout {
+  Tensor x;
+  Geometry g;
+  at::MemoryFormat format;
+};
+
+Layout layout(const Tensor& input) {
+  const int64_t n = input.size(0), c = input.size(1);
+  const auto format = input.dim() >= 4 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  if (format != at::MemoryFormat::Contiguous && input.is_contiguous(format) && c > 0) {
+    return {input, {input.numel() / c, c, 1}, format};
+  }
+  return {input.contiguous(), {n, c, n * c == 0 ? 1 : input.numel() / (n * c)}, at::MemoryFormat::Contiguous};
 }
 
 // Runs f(c0, c1) over channel ranges, in parallel when the input is large enough to pay for it.
@@ -162,8 +176,8 @@ void check_input(const Tensor& x, const std::optional<Tensor>& weight, const std
                 "a per-channel tensor has ", (*v)->numel(), " elements but the input has ", c,
                 " channels (dim 1) in shape ", x.sizes());
   }
-  const Geometry g = geometry(x);
-  TORCH_CHECK(g.m() > 1, "Expected more than 1 value per channel when training, got input size ", x.sizes());
+  const int64_t m = x.size(1) == 0 ? x.size(0) : x.numel() / x.size(1);
+  TORCH_CHECK(m > 1, "Expected more than 1 value per channel when training, got input size ", x.sizes());
 }
 
 // The forward: y, and the batch mean and rstd (C,) in op-math type; updates the running stats.
@@ -172,11 +186,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     double momentum, double eps) {
   check_input(input, weight, bias, running_mean, running_var);
-  const Tensor x = input.contiguous();
-  const Geometry g = geometry(x);
+  const Layout in = layout(input);
+  const Tensor& x = in.x;
+  const Geometry g = in.g;
   const auto acc = opmath_dtype(x);
   const Tensor w = channel_vector(weight, acc), b = channel_vector(bias, acc);
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor y = at::empty_like(x, in.format);
   Tensor mean = at::empty({g.c}, x.options().dtype(acc));
   Tensor rstd = at::empty({g.c}, x.options().dtype(acc));
   const bool track = (running_mean.has_value() && running_mean->defined()) ||
@@ -226,13 +241,15 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
 //   dx = g * dy - g * rstd * dweight / M * (x - mean) - g * dbias / M.
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad, const Tensor& input, const Tensor& weight,
                                                  const Tensor& mean, const Tensor& rstd, bool need_dx) {
-  const Tensor dy = grad.contiguous(), x = input.contiguous();
-  const Geometry g = geometry(x);
+  const Layout in = layout(input);
+  const Tensor& x = in.x;
+  const Geometry g = in.g;
+  const Tensor dy = grad.contiguous(in.format);
   const auto acc = opmath_dtype(x);
   const Tensor w = weight.defined() ? weight.to(acc).contiguous() : Tensor();
   Tensor dweight = at::empty({g.c}, x.options().dtype(acc));
   Tensor dbias = at::empty({g.c}, x.options().dtype(acc));
-  Tensor dx = need_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : Tensor();
+  Tensor dx = need_dx ? at::empty_like(x, in.format) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_train_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "batch_norm_train backward: the gradient's dtype ",
@@ -270,14 +287,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad, const Tenso
   return {dx, dweight, dbias};
 }
 
-// The same backward as differentiable ATen ops, for double backward: the statistics are
-// recomputed from x so that their dependence on x is part of the recorded graph.
+// The same backward as differentiable ATen ops, for double backward and wrapped gradients: the
+// statistics are recomputed from x so that their dependence on x is part of the recorded graph.
 std::tuple<Tensor, Tensor, Tensor> backward_differentiable(const Tensor& dy, const Tensor& x, const Tensor& weight,
                                                            double eps) {
   const auto acc = opmath_dtype(x);
   std::vector<int64_t> dims{0};
   for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-  const double m = static_cast<double>(geometry(x).m());
+  const double m = static_cast<double>(x.size(1) == 0 ? x.size(0) : x.numel() / x.size(1));
   std::vector<int64_t> channel_shape(x.dim(), 1);
   channel_shape[1] = x.size(1);
   const Tensor xc = x.to(acc), dyc = dy.to(acc);
@@ -292,7 +309,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_differentiable(const Tensor& dy, con
   return {dx.to(x.scalar_type()), dweight, dbias};
 }
 
-struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
+// A plain CPU tensor with memory the loops can read: not a functorch wrapper (as dy is when
+// gradcheck or torch.func vmaps over the backward) nor a Python tensor subclass.
+bool dense(const Tensor& t) {
+  constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::FuncTorchBatched,
+                                                c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python});
+  return t.has_storage() && t.layout() == at::kStrided && t.device().is_cpu() && !t.key_set().has_any(wrapped);
+}
+
+struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& weight,
                         const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
                         const std::optional<Tensor>& running_var, double momentum, double eps) {
@@ -317,13 +342,13 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     const bool need_w = w.defined() && ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1);
     Tensor dx, dweight, dbias;
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || !dense(dy)) {
       std::tie(dx, dweight, dbias) = backward_differentiable(dy, x, w, ctx->saved_data["eps"].toDouble());
     } else {
       std::tie(dx, dweight, dbias) = backward_impl(dy, x, w, mean, rstd, need_x);
     }
     variable_list out(7);
-    if (need_x) out[0] = dx.view(x.sizes());
+    if (need_x) out[0] = dx;
     if (need_w) out[1] = dweight.to(w.scalar_type());
     if (need_b) out[2] = dbias.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
     return out;
@@ -333,7 +358,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
 Tensor batch_norm_train_autograd(const Tensor& x, const std::optional<Tensor>& weight,
                                  const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
                                  const std::optional<Tensor>& running_var, double momentum, double eps) {
-  return BatchNormTrain::apply(x, weight, bias, running_mean, running_var, momentum, eps);
+  return BatchNormFunction::apply(x, weight, bias, running_mean, running_var, momentum, eps);
 }
 
 // Below autograd (inference mode): the forward alone.
@@ -343,7 +368,7 @@ Tensor batch_norm_train_cpu(const Tensor& x, const std::optional<Tensor>& weight
   return std::get<0>(forward_impl(x, weight, bias, running_mean, running_var, momentum, eps));
 }
 
-}  // namespace
+}  // namespace torch_bn_cpp
 
 TORCH_LIBRARY(torch_bn_cpp, m) {
   m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
@@ -351,9 +376,9 @@ TORCH_LIBRARY(torch_bn_cpp, m) {
 }
 
 TORCH_LIBRARY_IMPL(torch_bn_cpp, Autograd, m) {
-  m.impl("batch_norm_train", &batch_norm_train_autograd);
+  m.impl("batch_norm_train", &torch_bn_cpp::batch_norm_train_autograd);
 }
 
 TORCH_LIBRARY_IMPL(torch_bn_cpp, CPU, m) {
-  m.impl("batch_norm_train", &batch_norm_train_cpu);
+  m.impl("batch_norm_train", &torch_bn_cpp::batch_norm_train_cpu);
 }
