@@ -130,6 +130,11 @@ def test_small_cpu_layers_take_the_compiled_op():
 def test_the_compiled_op_is_not_taken_where_it_cannot_serve(monkeypatch):
     """Staged backward, forward-mode AD, torch.func, torch.compile, and no built op: the Function."""
     assert choose_path(SMALL, layer=True, staged=True) == "reference"
+
+    class Subclass(torch.Tensor):  # e.g. FakeTensor: no memory of its own for the loops to read
+        pass
+
+    assert choose_path(SMALL.as_subclass(Subclass), layer=True) == "reference"
     with torch.autograd.forward_ad.dual_level():
         assert choose_path(SMALL, layer=True) == "reference"
     assert choose_path(SMALL, layer=True) == "cpp"

@@ -72,9 +72,10 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     tensor, float32/float16/bfloat16, kernels
     importable
     ``torch.compile`` tracing                    reference    the compiler fuses the ops itself
-    ``layer``, CPU tensor, ``x.numel() <         cpp          one C++ call per forward and per backward,
-    FUSED_MIN_ELEMENTS``, no forward-mode AD     (whole       no Python: small inputs cost per-call
-    level, the op built (``torch_bn.cpp.op()``)  layer)       overhead, not arithmetic
+    ``layer``, CPU tensor (not a subclass),      cpp          one C++ call per forward and per backward,
+    ``x.numel() < FUSED_MIN_ELEMENTS``, no       (whole       no Python: small inputs cost per-call
+    forward-mode AD level, the op built          layer)       overhead, not arithmetic
+    (``torch_bn.cpp.op()``)
     ``x.numel() >= FUSED_MIN_ELEMENTS``          fused        fewer trips through memory
     otherwise (small inputs, float64 on CUDA)    reference    fewer, larger ops cost less there
     ===========================================  ===========  ==========================================
@@ -97,8 +98,8 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     if torch.compiler.is_compiling():
         return "reference"
     small = x.numel() < FUSED_MIN_ELEMENTS
-    if (layer and small and x.device.type == "cpu" and torch.autograd.forward_ad._current_level < 0
-            and cpp.op() is not None):
+    if (layer and small and x.device.type == "cpu" and type(x) is torch.Tensor
+            and torch.autograd.forward_ad._current_level < 0 and cpp.op() is not None):
         return "cpp"
     return "reference" if small else "fused"
 
