@@ -1,8 +1,9 @@
 """``torch_bn.functional.batch_norm``: the drop-in for ``torch.nn.functional.batch_norm``.
 
-Training mode goes through :class:`~torch_bn.function.BatchNormFunction`; evaluation mode
-is a plain per-channel affine map built from tensor ops, so autograd differentiates it
-(w.r.t. input, weight and bias) without a custom backward.
+Training mode goes through :class:`~torch_bn.function.BatchNormFunction`, or, for small CPU
+inputs (``choose_path(..., layer=True) == "cpp"``), the whole layer through the compiled op of
+:mod:`torch_bn.cpp`; evaluation mode is a plain per-channel affine map built from tensor ops, so
+autograd differentiates it (w.r.t. input, weight and bias) without a custom backward.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import ops
-from .function import BatchNormFunction, CompiledBatchNormFunction
+from . import cpp, ops
+from .function import BatchNormFunction, CompiledBatchNormFunction, choose_path
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
@@ -130,6 +131,10 @@ def batch_norm(
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias)
 
+    if choose_path(input, staged=backward == "staged", layer=True) == "cpp":
+        # The whole layer in one compiled call: the same statistics and y, the same lerp_ of the
+        # running statistics as below, and the closed-form backward as a C++ autograd node.
+        return cpp.op()(input, weight, bias, running_mean, running_var, momentum, eps)
     function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
     y, mean, var = function.apply(input, weight, bias, eps, backward)
     with torch.no_grad():
