@@ -98,7 +98,7 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     if torch.compiler.is_compiling():
         return "reference"
     small = x.numel() < FUSED_MIN_ELEMENTS
-    if (layer and small and x.device.type == "cpu" and type(x) is torch.Tensor
+    if (layer and small and x.is_cpu and type(x) is torch.Tensor
             and torch.autograd.forward_ad._current_level < 0 and cpp.op() is not None):
         return "cpp"
     return "reference" if small else "fused"
