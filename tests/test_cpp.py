@@ -238,3 +238,28 @@ def test_channels_last_is_read_in_place_and_kept(op, shape, fmt):
     y64, grads64 = float64_grads(x, w, b, dy)
     torch.testing.assert_close(y, y64, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, grads64[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_a_built_op_loads_directly(op, tmp_path):
+    """Once built, a new process loads the library itself: cpp_extension (ninja run, compiler
+    probe) stays unimported; a broken library file falls back to cpp_extension, here without a
+    compiler, so to the warning."""
+    code = ("import sys, warnings, torch\n"
+            "from torch_bn import cpp\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    found = cpp.op()\n"
+            "print(found is not None, 'torch.utils.cpp_extension' in sys.modules, len(w))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["True", "False", "0"], result.stdout + result.stderr
+
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"))
+    folder = subprocess.run([sys.executable, "-c", "from torch_bn import cpp; print(cpp.build_directory())"],
+                            capture_output=True, text=True, env=env).stdout.strip()
+    assert folder.startswith(str(tmp_path))
+    os.makedirs(folder)
+    with open(os.path.join(folder, os.path.basename(folder) + ".so"), "wb") as f:
+        f.write(b"not a library")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["False", "True", "1"], result.stdout + result.stderr

@@ -4,17 +4,19 @@
 update, and the closed-form backward as a C++ autograd node) for small CPU inputs, where
 torch_bn's Python path costs per-call overhead rather than arithmetic. :func:`op` compiles it
 with ``torch.utils.cpp_extension`` (g++ and ninja, about a minute) the first time it is asked
-for, and returns the op. The build is cached in torch's extensions folder (``TORCH_EXTENSIONS_DIR``,
-default ~/.cache/torch_extensions) under a name that hashes the source and torch's version, so
-later processes only load it. Where it cannot be built (no compiler, no ninja) :func:`op` warns
-once and returns None, and torch_bn runs the same math through its Python paths;
-``TORCH_BN_CPP=0`` switches the op off without trying.
+for, and returns the op. The build is kept in torch's extensions folder (``TORCH_EXTENSIONS_DIR``,
+default ~/.cache/torch_extensions) under torch_bn/, named by a hash of the source, the flags and
+the torch and Python versions, so later processes load it directly. Where it cannot be built (no
+compiler, no ninja) :func:`op` warns once and returns None, and torch_bn runs the same math
+through its Python paths; ``TORCH_BN_CPP=0`` switches the op off without trying.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,14 +29,36 @@ ENABLED = os.environ.get("TORCH_BN_CPP", "1") != "0"
 _op = None  # the op once loaded, False where it cannot be
 
 
+CFLAGS = ["-O3"]
+
+
 def extension_name() -> str:
-    """The extension's name: one build (and cache folder) per version of the source and of torch,
-    so that worktrees with different sources never share a build."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    return "torch_bn_cpp_" + digest
+    """The extension's name: one build per version of the source, the flags, torch and Python, so
+    that worktrees with different sources never share a build and a build found is this one."""
+    key = [SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
+           f"{sys.version_info.major}.{sys.version_info.minor} {platform.machine()}".encode()]
+    return "torch_bn_cpp_" + hashlib.sha256(b"\0".join(key)).hexdigest()[:12]
+
+
+def build_directory() -> Path:
+    """Where the build lives: torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default
+    ~/.cache/torch_extensions), torch_bn/<extension name>."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+    return Path(root) / "torch_bn" / extension_name()
 
 
 def _build():
+    name, folder = extension_name(), build_directory()
+    library = folder / f"{name}.so"  # the name cpp_extension.load gives a first build in a process
+    if library.is_file():
+        # Built before: load it directly, without cpp_extension's checks (a ninja run and a
+        # compiler probe, about 0.1 s, which would land in the first training step).
+        try:
+            torch.ops.load_library(str(library))
+            return torch.ops.torch_bn_cpp.batch_norm_train.default
+        except OSError:  # e.g. a build interrupted while linking: let cpp_extension redo it
+            pass
     # Importing cpp_extension logs a warning about CUDA_HOME on CPU-only machines; it is not ours
     # to show, the build needs no CUDA.
     log = logging.getLogger("torch.utils.cpp_extension")
@@ -44,7 +68,8 @@ def _build():
         from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
-    cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=["-O3"],
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(folder),
                        is_python_module=False, verbose=False)
     return torch.ops.torch_bn_cpp.batch_norm_train.default
 
