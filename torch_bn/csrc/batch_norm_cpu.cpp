@@ -1,4 +1,4 @@
-// torch_bn::batch_norm_train: a whole training-mode batch-norm layer on CPU as one compiled op.
+// torch_bn_cpp::batch_norm_train: a whole training-mode batch-norm layer on CPU as one compiled op.
 //
 // The forward (batch statistics, y, the running-statistics update) and its backward are the
 // math of torch_bn/ops.py, written as plain loops over x viewed as (N, C, L), with the autograd
@@ -8,7 +8,8 @@
 //
 // Numerics (tested against float64 and nn.BatchNorm1d in tests/test_cpp.py):
 // - sums accumulate in double; the statistics are two-pass (the mean, then the mean of squared
-//   deviations), so constant and far-from-zero features stay exact, as in the reference;
+//   deviations), as in the reference, so constant features give beta exactly and far-from-zero
+//   ones (1e4 + noise) keep their variance;
 // - y = (x - mean) * (rstd * weight) + bias and the closed-form dx are computed in the input's
 //   "op-math" type (float for float16/bfloat16/float32, double for float64);
 // - running_mean / running_var move by lerp_ (running += momentum * (batch - running)) with
@@ -210,7 +211,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     std::vector<double> center(g.c), s1(g.c), s2(g.c);
     std::vector<opmath_t> scale(g.c), shift(g.c);
     for_channels(g, [&](int64_t c0, int64_t c1) {
-      // Two passes: the mean (s1 / M; s2 is discarded), then the squared deviations from it.
+      // Two passes: the mean (s1 / M), then the sum of squared deviations from it (s2).
       channel_sum(xp, g, c0, c1, s1.data());
       for (int64_t c = c0; c < c1; ++c) center[c] = s1[c] / m;
       channel_dot(xp, center.data(), xp, center.data(), g, c0, c1, s2.data());
@@ -280,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad, const Tenso
       }
       if (need_dx) {
         channel_affine<true>(dyp, xp, g, c0, c1, alpha.data(), beta.data(), mp, gamma.data(),
-                       dx.mutable_data_ptr<scalar_t>());
+                             dx.mutable_data_ptr<scalar_t>());
       }
     });
   });
