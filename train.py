@@ -137,6 +137,7 @@ def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
         flag = "--" + key.replace("_", "-")
         if key in ("logdir", "run_name"):
             raise UsageError(f"{flag} names a new run folder, but --resume continues the one in {root}; drop {flag}")
+        given = flag if value is True else f"{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
         if key == "batchnorm":
             key, value = "norm", "torch_bn"
         if key == "norm":
@@ -154,8 +155,7 @@ def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
             has = c[key]
             same = (list(has) == list(value)) if key == "hidden_dims" else has == value
         if not same:
-            shown = value if not isinstance(value, tuple) else ",".join(map(str, value))
-            raise UsageError(f"{flag} {shown} would change the run in {root} (it has {has}); --resume keeps a "
+            raise UsageError(f"{given} would change the run in {root} (it has {has}); --resume keeps a "
                              f"run's settings and takes only a larger --epochs, --data-dir, --no-verify and "
                              f"--device: drop {flag}, or start a new run")
     if args.epochs is not None and args.epochs < c["epochs"]:
