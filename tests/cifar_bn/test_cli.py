@@ -170,3 +170,14 @@ def test_norm_torch_is_an_alias_of_nn(tiny_cifar, tmp_path):
     assert "_nn_" in name
     with open(logdir / name / "summary.json") as f:
         assert json.load(f)["config"]["norm"] == "nn"
+
+
+def test_reproduce_refuses_bad_options_and_missing_data_before_writing(tmp_path, capsys):
+    from cifar_bn import reproduce
+
+    logdir = tmp_path / "runs"
+    assert reproduce.main(["--seeds", "0", "--logdir", str(logdir)]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert reproduce.main(["--data-dir", str(tmp_path / "nowhere"), "--no-verify", "--logdir", str(logdir)]) == 2
+    assert "CIFAR-10 is incomplete" in capsys.readouterr().err
+    assert not os.path.exists(logdir)
