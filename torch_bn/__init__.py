@@ -6,5 +6,7 @@ application that trains with it is the separate package ``cifar_bn``.
 from . import functional, ops
 from .function import BatchNormFunction
 from .modules import BatchNorm1d, BatchNorm2d, convert
+from .sync_batchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "convert", "functional", "ops"]
+__all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "convert", "functional", "ops",
+           "SyncBatchNorm", "convert_sync_batchnorm", "DistributedDataParallel"]
