@@ -5,6 +5,7 @@
     python train.py --experiment deep                             # the notebook's section 2 (+ figure)
     python train.py --experiment weight-scale                     # the notebook's section 3 (+ figure)
     python train.py --resume runs/NAME                            # continue an interrupted run
+    torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
     tensorboard --logdir runs                                     # the dashboards
 
 On offline machines add --data-dir ../shared/data --no-verify.
@@ -18,10 +19,10 @@ import sys
 import time
 from dataclasses import asdict, fields
 
-from cifar_bn import experiments
+from cifar_bn import distributed, experiments
 from cifar_bn.data import CIFAR10Data, DataError, load_cifar10
 from cifar_bn.models import NORMS
-from cifar_bn.training import OPTIMIZERS, RunExistsError, TrainConfig, run
+from cifar_bn.training import OPTIMIZERS, RunExistsError, TrainConfig, resolve_device, run
 
 RUN_FILE = "run.json"  # what was launched, so --resume can launch it again
 
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--epochs", type=int)
     model.add_argument("--seed", type=int)
     model.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    model.add_argument("--sync-bn", action="store_true", default=None,
+                       help="under torchrun: batch norm over the global batch of all processes")
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default ./data)")
     data.add_argument("--no-verify", action="store_true", help="skip only torchvision's md5 check")
@@ -118,6 +121,21 @@ def report(summaries: dict, root: str) -> None:
     print(f"runs in {root}; dashboards: tensorboard --logdir {os.path.dirname(root.rstrip('/')) or '.'}")
 
 
+def new_run_folder(args: argparse.Namespace, plan: dict) -> str:
+    """The new run's folder (not created yet), which must not exist."""
+    root = os.path.join(args.logdir, args.run_name or default_run_name(plan))
+    if os.path.exists(root):
+        raise RunExistsError(f"run folder {root} already exists and runs are never overwritten; "
+                             f"choose another --run-name, or continue it with --resume {root}")
+    return root
+
+
+def write_run_file(root: str, plan: dict) -> None:
+    os.makedirs(root)
+    with open(os.path.join(root, RUN_FILE), "w") as f:
+        json.dump(plan, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -134,22 +152,28 @@ def main(argv: list[str] | None = None) -> int:
             if args.device:
                 plan["config"]["device"] = args.device
             root = args.resume
-            data = load_data(plan)
         else:
             plan = plan_from_args(args)
-            root = os.path.join(args.logdir, args.run_name or default_run_name(plan))
-            if os.path.exists(root):
-                raise RunExistsError(f"run folder {root} already exists and runs are never overwritten; "
-                                     f"choose another --run-name, or continue it with --resume {root}")
-            data = load_data(plan)  # before creating the folder, so a data error leaves nothing behind
-            os.makedirs(root)
-            with open(os.path.join(root, RUN_FILE), "w") as f:
-                json.dump(plan, f, indent=1)
-        summaries = launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume))
+            root = None
+        # Under torchrun every rank runs this; rank 0 alone names, checks and creates the run folder.
+        config = plan["config"]
+        device = resolve_device(config["device"])
+        distributed.check_launch(plan["mode"], config["norm"], config.get("sync_bn", False), device)
+        ctx = distributed.start(device)
+        try:
+            if root is None:
+                root = ctx.on_rank0(new_run_folder, args, plan)
+            data = ctx.on_every_rank(load_data, plan)  # before creating the folder: a data error leaves nothing
+            if not args.resume:
+                ctx.on_rank0(write_run_file, root, plan)
+            summaries = launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume))
+        finally:
+            distributed.stop()
     except (DataError, RunExistsError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if distributed.is_main_process():  # every rank fails alike; one message is enough
+            print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    if not args.quiet:
+    if not args.quiet and distributed.is_main_process():
         report(summaries, root)
     return 0
 

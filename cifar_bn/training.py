@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed
 from .dashboard import RunLogger
 from .data import NUM_CLASSES, CIFAR10Data
 from .models import MLP, l2_penalty, norm_layers
@@ -48,6 +49,7 @@ class TrainConfig:
     epochs: int = 10
     seed: int = 0
     device: str = "auto"
+    sync_bn: bool = False  # batch norm over the global batch of all torchrun processes (cifar_bn.distributed)
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(self.hidden_dims)
@@ -128,16 +130,19 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, data: CIFAR10Data, run_dir: str, *,
                  progress: bool = True, resume: bool = False, checkpoint: dict | None = None) -> None:
-        if not resume and holds_run(run_dir):
-            raise RunExistsError(f"run folder {run_dir} already holds a run and runs are never overwritten; "
-                                 f"choose another --run-name, or continue it with --resume")
-        os.makedirs(run_dir, exist_ok=True)
-        self.config, self.run_dir, self.progress = config, run_dir, progress
+        self.dist = distributed.current()  # rank 0 of 1 without torchrun; only rank 0 writes files
+        if self.dist.is_main:
+            if not resume and holds_run(run_dir):
+                raise RunExistsError(f"run folder {run_dir} already holds a run and runs are never overwritten; "
+                                     f"choose another --run-name, or continue it with --resume")
+            os.makedirs(run_dir, exist_ok=True)
+        self.config, self.run_dir, self.progress = config, run_dir, progress and self.dist.is_main
         self.device = resolve_device(config.device)
         self.data = {k: getattr(data, k).to(self.device) for k in
                      ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")}
         n = len(self.data["X_train"])
         self.model = model.to(self.device)
+        self.train_model = self.dist.wrap(self.model, config.sync_bn, config.norm)  # DDP under torchrun
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_decay)
         self.batch_order = torch.Generator().manual_seed(config.seed)
@@ -155,7 +160,7 @@ class Trainer:
         # On resume, drop the events logged after the checkpoint (an interrupted epoch): those
         # at steps past it, or all of them when there was no checkpoint yet.
         purge = (self.step + 1 if checkpoint is not None else 0) if resume else None
-        self.logger = RunLogger(run_dir, purge_step=purge)
+        self.logger = RunLogger(run_dir, purge_step=purge) if self.dist.is_main else distributed.NoLogger()
 
     @property
     def step(self) -> int:
@@ -174,6 +179,8 @@ class Trainer:
         self.best_state = ckpt["best_state"]
 
     def _save(self) -> None:
+        if not self.dist.is_main:
+            return
         ckpt = {
             "config": asdict(self.config), "epoch": self.epoch, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -207,14 +214,14 @@ class Trainer:
         bs = self.config.batch_size
         self.model.train()
         for i in range(self.iters_per_epoch):
-            idx = order[i * bs:(i + 1) * bs]
-            loss = F.cross_entropy(self.model(x[idx]), y[idx])
+            idx = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's part of the global batch
+            loss = self.dist.shard_loss(F.cross_entropy(self.train_model(x[idx]), y[idx], reduction="sum"), bs)
             if self.config.reg:
                 loss = loss + l2_penalty(self.model, self.config.reg)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            value = loss.item()
+            value = self.dist.average(loss).item()  # the global batch's loss
             self.history.loss.append(value)
             self.logger.iteration(self.step + i + 1, value)
             if bar is not None:
@@ -263,13 +270,15 @@ class Trainer:
                        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"),
             "versions": versions(),
             "history": asdict(self.history),
+            **self.dist.describe(),
         }
         metrics = {"hparam/best_val_acc": self.best_val_acc, "hparam/final_train_acc": summary["final_train_acc"],
                    "hparam/test_acc": test_acc, "hparam/final_loss": summary["final_loss"]}
         self.logger.hparams(asdict(self.config), metrics, self.step)
         self.logger.close()
-        with open(os.path.join(self.run_dir, SUMMARY), "w") as f:
-            json.dump(summary, f, indent=1)
+        if self.dist.is_main:
+            with open(os.path.join(self.run_dir, SUMMARY), "w") as f:
+                json.dump(summary, f, indent=1)
         return summary
 
 
