@@ -320,3 +320,21 @@ def test_convert_a_bare_layer_returns_a_new_one_and_the_classmethod_is_torch_bns
 def test_convert_refuses_a_lazy_layer_before_its_first_forward():
     with pytest.raises(ValueError, match="run one forward pass"):
         torch_bn.convert_sync_batchnorm(nn.Sequential(nn.LazyBatchNorm1d()))
+
+
+def test_function_gradcheck_in_a_group_of_one():
+    """The Function's own backward (global sums, count, local parameter gradients) against finite
+    differences, in float64, in an in-process group of one rank (where the layer falls back)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        x = (1 + 2 * torch.randn(4, 3, 2, dtype=torch.float64)).requires_grad_(True)
+        w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        b = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
+        fn = lambda x, w, b: torch_bn.sync_batchnorm.SyncBatchNormFunction.apply(x, w, b, 1e-5, group)[0]
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        y, mean, var = torch_bn.sync_batchnorm.SyncBatchNormFunction.apply(x, w, b, 1e-5, group)
+        torch.testing.assert_close(var, x.detach().var((0, 2)), rtol=1e-12, atol=1e-12)  # unbiased
+        assert torch_bn.SyncBatchNorm(3)._sync_group() is None  # one rank: nothing to synchronize
+    finally:
+        dist.destroy_process_group()
