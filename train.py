@@ -5,6 +5,7 @@
     python train.py --experiment deep                             # the notebook's section 2 (+ figure)
     python train.py --experiment weight-scale                     # the notebook's section 3 (+ figure)
     python train.py --resume runs/NAME [--epochs N]               # continue an interrupted run, or extend one
+    torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
     tensorboard --logdir runs                                     # the dashboards
 
 On offline machines add --data-dir ../shared/data --no-verify.
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, fields
 
-from cifar_bn import experiments
+from cifar_bn import distributed, experiments
 from cifar_bn.data import CIFAR10Data, DataError, load_cifar10
 from cifar_bn.models import NORM_ALIASES, NORMS, canonical_norm
 from cifar_bn.training import (DEVICES, OPTIMIZERS, RunExistsError, TrainConfig, keep_aside, resolve_device,
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--epochs", type=positive_int)
     model.add_argument("--seed", type=int)
     model.add_argument("--device", choices=DEVICES, help="default auto: CUDA when present")
+    model.add_argument("--sync-bn", action="store_true", default=None,
+                       help="under torchrun: batch norm over the global batch of all processes")
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default ./data)")
     data.add_argument("--no-verify", action="store_true", help="skip only torchvision's md5 check")
@@ -212,33 +215,52 @@ def report(summaries: dict, root: str) -> None:
     print(f"runs in {root}; dashboards: tensorboard --logdir {os.path.dirname(root.rstrip('/')) or '.'}")
 
 
-def prepare(args: argparse.Namespace) -> tuple[dict, str, CIFAR10Data]:
-    """Everything checked before anything is written: the plan, the run folder and the data.
-    For --resume, the run's own plan with the flags it may take applied."""
-    if args.resume:
-        root = args.resume
-        run_file = os.path.join(root, RUN_FILE)
-        if not os.path.isfile(run_file):
-            raise RunExistsError(f"--resume {root}: no {RUN_FILE} there; pass a run folder written by train.py")
-        with open(run_file) as f:
-            plan = json.load(f)
-        check_resume_flags(args, plan, root)
-        if args.data_dir:  # the data may have moved
-            plan["data"]["data_dir"] = args.data_dir
-        if args.no_verify:
-            plan["data"]["verify"] = False
-        if args.device:
-            plan["config"]["device"] = args.device
-        if args.epochs:
-            plan["config"]["epochs"] = args.epochs
-    else:
-        plan = plan_from_args(args)
-        root = os.path.join(args.logdir or "runs", args.run_name or default_run_name(plan))
-        if os.path.exists(root):
-            raise RunExistsError(f"run folder {root} already exists and runs are never overwritten; "
-                                 f"choose another --run-name, or continue it with --resume {root}")
-    resolve_device(TrainConfig(**plan["config"]).device)
-    return plan, root, load_data(plan)
+def plan_for(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """The launch plan, checked before anything is written; and for --resume its run folder (the
+    run's own plan with the flags it may take applied). A new run's folder is named by
+    :func:`new_run_folder` (by rank 0 alone under torchrun)."""
+    if not args.resume:
+        return plan_from_args(args), None
+    root = args.resume
+    run_file = os.path.join(root, RUN_FILE)
+    if not os.path.isfile(run_file):
+        raise RunExistsError(f"--resume {root}: no {RUN_FILE} there; pass a run folder written by train.py")
+    with open(run_file) as f:
+        plan = json.load(f)
+    check_resume_flags(args, plan, root)
+    if args.data_dir:  # the data may have moved
+        plan["data"]["data_dir"] = args.data_dir
+    if args.no_verify:
+        plan["data"]["verify"] = False
+    if args.device:
+        plan["config"]["device"] = args.device
+    if args.epochs:
+        plan["config"]["epochs"] = args.epochs
+    return plan, root
+
+
+def new_run_folder(args: argparse.Namespace, plan: dict) -> str:
+    """The new run's folder (not created yet), which must not exist."""
+    root = os.path.join(args.logdir or "runs", args.run_name or default_run_name(plan))
+    if os.path.exists(root):
+        raise RunExistsError(f"run folder {root} already exists and runs are never overwritten; "
+                             f"choose another --run-name, or continue it with --resume {root}")
+    return root
+
+
+def record_launch(root: str, plan: dict, resumed: bool) -> None:
+    """Write what was launched (run.json) into a new run folder; for a run extended by --resume
+    --epochs, keep the first run.json aside and record the new epoch count."""
+    run_file = os.path.join(root, RUN_FILE)
+    if not resumed:
+        os.makedirs(root)
+        write_json(run_file, plan)
+        return
+    with open(run_file) as f:
+        before = json.load(f)
+    if before["config"]["epochs"] != plan["config"]["epochs"]:
+        keep_aside(run_file, f"{before['config']['epochs']}epochs")
+        write_json(run_file, {**before, "config": {**before["config"], "epochs": plan["config"]["epochs"]}})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,30 +268,35 @@ def main(argv: list[str] | None = None) -> int:
     root = None
     try:
         args = parse_args(argv)
-        plan, root, data = prepare(args)
-        started = True
-        if not args.resume:
-            os.makedirs(root)
-            write_json(os.path.join(root, RUN_FILE), plan)
-        else:
-            with open(os.path.join(root, RUN_FILE)) as f:
-                before = json.load(f)
-            if before["config"]["epochs"] != plan["config"]["epochs"]:  # extended: keep what was launched first
-                keep_aside(os.path.join(root, RUN_FILE), f"{before['config']['epochs']}epochs")
-                write_json(os.path.join(root, RUN_FILE), {**before, "config": {**before["config"],
-                                                                               "epochs": plan["config"]["epochs"]}})
-        summaries = launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume))
+        plan, root = plan_for(args)
+        config = plan["config"]
+        device = resolve_device(TrainConfig(**config).device)
+        # Under torchrun every rank runs this; rank 0 alone names, checks and creates the run folder.
+        distributed.check_launch(plan["mode"], config["norm"], config.get("sync_bn", False), device)
+        ctx = distributed.start(device)
+        try:
+            if root is None:
+                root = ctx.on_rank0(new_run_folder, args, plan)
+            data = ctx.on_every_rank(load_data, plan)  # before creating the folder: a data error leaves nothing
+            started = True
+            ctx.on_rank0(record_launch, root, plan, bool(args.resume))
+            summaries = launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume))
+        finally:
+            distributed.stop()
     except (DataError, RunExistsError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if distributed.is_main_process():  # every rank fails alike; one message is enough
+            print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        if not distributed.is_main_process():
+            return EXIT_INTERRUPTED
         if not started:
             print("train.py: interrupted before the run started; nothing was written", file=sys.stderr)
         else:
             print(f"train.py: interrupted; {root} keeps each run's last epoch checkpoint; continue with: "
                   f"python train.py --resume {shlex.quote(root)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not args.quiet:
+    if not args.quiet and distributed.is_main_process():
         report(summaries, root)
     return 0
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed
 from .dashboard import LayerProbe, RunLogger, hparam_values
 from .data import NUM_CLASSES, CIFAR10Data
 from .models import MLP, activation_stds, canonical_norm, l2_penalty
@@ -56,6 +57,7 @@ class TrainConfig:
     epochs: int = 10
     seed: int = 0
     device: str = "auto"
+    sync_bn: bool = False  # batch norm over the global batch of all torchrun processes (cifar_bn.distributed)
 
     def __post_init__(self) -> None:
         """Check every field, so that a bad configuration fails before anything is written."""
@@ -210,7 +212,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, model: torch.nn.Module, data: CIFAR10Data, run_dir: str, *,
                  progress: bool = True, resume: bool = False, checkpoint: dict | None = None,
                  log_every: int = LOG_EVERY) -> None:
-        if not resume and holds_run(run_dir):
+        self.dist = distributed.current()  # rank 0 of 1 without torchrun; only rank 0 writes files
+        if self.dist.is_main and not resume and holds_run(run_dir):
             raise RunExistsError(f"run folder {run_dir} already holds a run and runs are never overwritten; "
                                  f"choose another --run-name, or continue it with --resume")
         n = len(data.X_train)
@@ -220,11 +223,14 @@ class Trainer:
         if len(data.X_val) < 1:
             raise ValueError("the validation set is empty; keep at least one validation image (--num-val)")
         self.device = resolve_device(config.device)
-        os.makedirs(run_dir, exist_ok=True)
-        self.config, self.run_dir, self.progress, self.log_every = config, run_dir, progress, log_every
+        if self.dist.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        self.config, self.run_dir, self.log_every = config, run_dir, log_every
+        self.progress = progress and self.dist.is_main
         self.data = {k: getattr(data, k).to(self.device) for k in
                      ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")}
         self.model = model.to(self.device)
+        self.train_model = self.dist.wrap(self.model, config.sync_bn, config.norm)  # DDP under torchrun
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_decay)
         self.batch_order = torch.Generator().manual_seed(config.seed)
@@ -245,7 +251,7 @@ class Trainer:
         # On resume, drop the events logged after the checkpoint (an interrupted epoch): those
         # at steps past it, or all of them when there was no checkpoint yet.
         purge = (self.step + 1 if checkpoint is not None else 0) if resume else None
-        self.logger = RunLogger(run_dir, purge_step=purge)
+        self.logger = RunLogger(run_dir, purge_step=purge) if self.dist.is_main else distributed.NoLogger()
         self.probe = LayerProbe(self.model)
         if checkpoint is None:
             name = os.path.basename(os.path.normpath(run_dir))
@@ -269,6 +275,8 @@ class Trainer:
         self.best_state = ckpt["best_state"]
 
     def _save(self) -> None:
+        if not self.dist.is_main:
+            return
         ckpt = {
             "config": asdict(self.config), "epoch": self.epoch, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -321,8 +329,8 @@ class Trainer:
         for i in range(self.iters_per_epoch):
             step = self.step + i + 1
             self.probe.armed = self.log_every > 0 and step % self.log_every == 0
-            idx = order[i * bs:(i + 1) * bs]
-            loss = F.cross_entropy(self.model(x[idx]), y[idx])
+            idx = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's part of the global batch
+            loss = self.dist.shard_loss(F.cross_entropy(self.train_model(x[idx]), y[idx], reduction="sum"), bs)
             if self.config.reg:
                 loss = loss + l2_penalty(self.model, self.config.reg)
             self.optimizer.zero_grad(set_to_none=True)
@@ -333,7 +341,7 @@ class Trainer:
                 self.logger.scalars(self.probe.stats(), step)
                 self.logging_time += time.perf_counter() - start
             self.optimizer.step()
-            value = loss.item()
+            value = self.dist.average(loss).item()  # the global batch's loss
             self.history.loss.append(value)
             self.logger.iteration(step, value)
             if (i + 1) % self.check_every == 0 and i + 1 < self.iters_per_epoch - self.check_every // 2:
@@ -390,6 +398,7 @@ class Trainer:
             "versions": versions(),
             "activation_std": {"init": self.history.activation_std_init, "final": activation_std_final},
             "history": asdict(self.history),
+            **self.dist.describe(),
         }
         self.logger.text("results", f"After {self.epoch} epochs: final train acc {summary['final_train_acc']:.3f}, "
                                     f"best val acc {self.best_val_acc:.3f}, test acc (best-val weights) "
@@ -397,10 +406,11 @@ class Trainer:
                                     f"{self.wall_time:.1f} s on {summary['device']}.", self.step)
         self.logger.close()
         self.probe.remove()
-        path = os.path.join(self.run_dir, SUMMARY)
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(path + ".tmp", path)
+        if self.dist.is_main:
+            path = os.path.join(self.run_dir, SUMMARY)
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=1)
+            os.replace(path + ".tmp", path)
         return summary
 
 

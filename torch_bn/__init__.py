@@ -7,6 +7,8 @@ from . import functional, ops
 from .function import BatchNormFunction
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
                       LazyBatchNorm3d, convert)
+from .sync_batchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
-           "LazyBatchNorm2d", "LazyBatchNorm3d", "convert", "functional", "ops"]
+           "LazyBatchNorm2d", "LazyBatchNorm3d", "convert", "functional", "ops",
+           "SyncBatchNorm", "convert_sync_batchnorm", "DistributedDataParallel"]

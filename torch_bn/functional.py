@@ -55,9 +55,12 @@ def _check_dtypes(input: Tensor, tensors: tuple[tuple[str, Tensor | None], ...])
 
 
 def check_input(input: Tensor, training: bool, eps: float, running_mean: Tensor | None,
-                running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None) -> None:
+                running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None, *,
+                check_count: bool = True) -> None:
     """Raise a clear error for input batch norm cannot normalize; mirrors PyTorch's checks and
-    exception types (a caller's ``except`` written for ``F.batch_norm`` catches these)."""
+    exception types (a caller's ``except`` written for ``F.batch_norm`` catches these).
+    check_count=False leaves out the "more than 1 value per channel" check (synchronized batch
+    norm counts over every rank)."""
     if not input.is_floating_point():
         raise UnsupportedDtypeError(
             f"batch_norm expects a floating-point input, got {input.dtype}; "
@@ -89,7 +92,7 @@ def check_input(input: Tensor, training: bool, eps: float, running_mean: Tensor 
         raise RuntimeError("running_mean and running_var must not require grad: batch norm does not "
                            "differentiate with respect to them (PyTorch neither); pass them detached, "
                            "e.g. running_mean.detach(), or register them as buffers")
-    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+    if training and check_count and input.shape[0] * math.prod(input.shape[2:]) == 1:
         # Same message as PyTorch: a variance needs at least two values per channel.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
