@@ -45,7 +45,7 @@ def stateless_forward(bn: nn.Module, input: Tensor) -> Tensor:
     if bn.training and bn.track_running_stats and state["num_batches_tracked"] is not None:
         new["num_batches_tracked"] = state["num_batches_tracked"] + 1
         if bn.momentum is None:  # cumulative moving average: 1/t at the t-th batch (a tensor under vmap)
-            factor = 1.0 / new["num_batches_tracked"]
+            factor = 1.0 / new["num_batches_tracked"].double()  # as exact as the float 1/t
     use_batch_stats = bn.training or (state["running_mean"] is None and state["running_var"] is None)
     track = not bn.training or bn.track_running_stats
     y, mean, var = batch_norm_stateless(

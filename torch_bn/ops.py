@@ -82,7 +82,10 @@ def closed_form_backward(
     # Multiplied out, dx = g * dy + xhat * (-g * dweight / M) + (-g * dbias / M): the factors are
     # per-channel vectors, so two full-size ops (addcmul, addcmul_) do all the work.
     dx = torch.addcmul(as_channel(-g * dbias / m, xhat), xhat, as_channel(-g * dweight / m, xhat))
-    dx = dx.addcmul_(dyc, as_channel(g, xhat))
+    if torch._C._are_functorch_transforms_active():
+        dx = torch.addcmul(dx, dyc, as_channel(g, xhat))  # vmap has no batching rule for addcmul_
+    else:
+        dx = dx.addcmul_(dyc, as_channel(g, xhat))
     return dx.to(dy.dtype), dweight, dbias
 
 
