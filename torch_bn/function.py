@@ -95,7 +95,9 @@ class BatchNormFunction(torch.autograd.Function):
     backward: "closed_form" (default formula) or "staged" (node-by-node).
     Outputs: y like x; the batch mean and biased variance (C,) in compute dtype, which are not
     differentiable (callers use them to update running statistics).
-    Saves for backward: x, weight, mean and var; nothing of x's size beyond x itself.
+    Saves for backward (and for jvp): x, weight, mean and var; nothing of x's size beyond x.
+    Forward-mode AD (``jvp``: torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian)
+    gives y's tangent in closed form; mean and var carry no tangent (non-differentiable).
     """
 
     generate_vmap_rule = True
@@ -118,9 +120,16 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
         ctx.eps = eps
         ctx.backward = backward
         ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _eps, _backward):
+        x, weight, mean, var = ctx.saved_tensors
+        dy = ops.training_jvp(dx, dweight, dbias, x, mean, torch.rsqrt(var + ctx.eps), weight)
+        return dy, None, None
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, _dmean, _dvar):

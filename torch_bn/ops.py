@@ -120,3 +120,39 @@ def staged_backward(
     dx2 = as_channel(dmu / m, xhat)                        # mu = mean(x)
     dx = dx1 + dx2
     return dx.to(dy.dtype), dweight, dbias
+
+
+def training_jvp(
+    dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None,
+    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+) -> Tensor:
+    """Forward-mode derivative (tangent) of the training-mode output y for input tangents.
+
+    Inputs: tangents dx (N, C, *), dweight, dbias (C,), each None when zero; the forward's x,
+    batch mean and rstd = 1/sqrt(var + eps) (C,); weight (C,) or None. Output: dy like x.
+    The batch statistics move with x, so (the transpose of the closed-form backward):
+
+        dmean = mean(dx),  dvar = 2 * mean((x - mean) * dx),  drstd = -rstd^3 * dvar / 2
+        dxhat = rstd * (dx - mean(dx) - xhat * mean(xhat * dx))
+        dy = weight * dxhat + dweight * xhat + dbias
+    """
+    dims, m = reduce_dims(x), x.numel() // max(x.shape[1], 1)
+    dtype = compute_dtype(x)
+    xhat = (x.to(dtype) - as_channel(mean, x)) * as_channel(rstd, x)
+    # Out-of-place ops only: under vmap (batched tangents) only some of the terms are batched.
+    if dx is None:
+        dy = torch.zeros_like(xhat)
+    else:
+        dxc = dx.to(dtype)
+        g = rstd if weight is None else rstd * weight.to(dtype)
+        mean_dx = dxc.sum(dims) / m
+        mean_xhat_dx = (xhat * dxc).sum(dims) / m
+        # g * (dx - mean(dx) - xhat * mean(xhat * dx)), multiplied out as in the backward
+        dy = torch.addcmul(as_channel(-g * mean_dx, x), xhat, as_channel(-g * mean_xhat_dx, x))
+        dy = torch.addcmul(dy, dxc, as_channel(g, x))
+    if dweight is not None:
+        dy = torch.addcmul(dy, xhat, as_channel(dweight.to(dtype), x))
+    if dbias is not None:
+        dy = dy + as_channel(dbias.to(dtype), x)
+    return dy.to(x.dtype)
+
