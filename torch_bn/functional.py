@@ -84,17 +84,6 @@ def batch_norm(
     return y
 
 
-def _forward_ad_active() -> bool:
-    """Whether forward-mode AD is recording (torch.autograd.forward_ad, or torch.func.jvp/jacfwd,
-    which open a dual level too)."""
-    return torch.autograd.forward_ad._current_level >= 0
-
-
-# BatchNormFunction computes tangents once it defines jvp; until then forward AD runs the
-# reference ops, which autograd differentiates in both modes (the same math, see ops.py).
-_FUNCTION_HAS_JVP = BatchNormFunction.jvp is not torch.autograd.Function.jvp
-
-
 def batch_norm_stateless(
     input: Tensor,
     running_mean: Tensor | None,
@@ -141,11 +130,7 @@ def batch_norm_stateless(
                           torch.rsqrt(running_var.to(ops.compute_dtype(input)) + eps), weight, bias)
         return y, running_mean, running_var
 
-    if _forward_ad_active() and not _FUNCTION_HAS_JVP:
-        mean, var = ops.batch_stats(input)
-        y = ops.normalize(input, mean, torch.rsqrt(var + eps), weight, bias)
-    else:
-        y, mean, var = BatchNormFunction.apply(input, weight, bias, eps, backward)
+    y, mean, var = BatchNormFunction.apply(input, weight, bias, eps, backward)
     m = input.numel() // input.shape[1]
     new_mean = new_var = None
     if running_mean is not None:
