@@ -4,6 +4,7 @@
     python train.py --compare                                     # torch_bn vs nn.BatchNorm1d vs none
     python train.py --experiment deep                             # the notebook's section 2 (+ figure)
     python train.py --experiment weight-scale                     # the notebook's section 3 (+ figure)
+    python train.py --experiment weight-scale --vectorized        # the same, all 40 runs at once (vmap)
     python train.py --resume runs/NAME                            # continue an interrupted run
     tensorboard --logdir runs                                     # the dashboards
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--compare", action="store_true", help="train torch_bn, torch and none into one dashboard")
     what.add_argument("--experiment", choices=sorted(experiments.PRESETS), help="an experiment of the notebook with its settings")
     what.add_argument("--num-scales", type=int, default=20, help="weight scales in --experiment weight-scale")
+    what.add_argument("--vectorized", action="store_true",
+                      help="--experiment weight-scale: train all its runs at once as one vmapped program")
     what.add_argument("--resume", metavar="RUN_DIR", help="continue the run (or experiment) in RUN_DIR")
     model = p.add_argument_group("model and training (default: TrainConfig's, or the experiment's)")
     model.add_argument("--hidden-dims", type=lambda s: tuple(int(d) for d in s.split(",")), help="e.g. 100,100,100")
@@ -67,6 +70,8 @@ def plan_from_args(args: argparse.Namespace) -> dict:
     if args.compare and args.experiment:
         raise ValueError("--compare and --experiment are separate modes (each experiment compares already); pick one")
     mode = args.experiment or ("compare" if args.compare else "single")
+    if args.vectorized and mode != "weight-scale":
+        raise ValueError("--vectorized trains the runs of --experiment weight-scale together; add that, or drop --vectorized")
     settings = dict(experiments.PRESETS.get(args.experiment, {}))
     num_train = settings.pop("num_train", None)
     if args.num_train is not None:
@@ -77,7 +82,7 @@ def plan_from_args(args: argparse.Namespace) -> dict:
             settings[f.name] = value
     settings["norm"] = "torch_bn" if args.batchnorm else (args.norm or "none")
     config = TrainConfig(**settings)
-    return {"mode": mode, "config": asdict(config), "num_scales": args.num_scales,
+    return {"mode": mode, "config": asdict(config), "num_scales": args.num_scales, "vectorized": args.vectorized,
             "data": {"data_dir": args.data_dir or "./data", "verify": not args.no_verify, "num_train": num_train,
                      "num_val": args.num_val, "num_test": args.num_test}}
 
@@ -106,7 +111,7 @@ def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: boo
         raise ValueError(f"unknown mode {mode!r} in the launch plan; expected single, compare, "
                          f"{' or '.join(sorted(experiments.PRESETS))}")
     results = experiments.weight_scale(config, data, root, progress=progress, resume=resume,
-                                       num_scales=plan["num_scales"])
+                                       num_scales=plan["num_scales"], vectorized=plan.get("vectorized", False))
     return {f"{norm} @ scale {s['config']['weight_scale']:.2e}": s for norm, runs in results.items() for s in runs}
 
 

@@ -15,6 +15,7 @@ from .data import CIFAR10Data
 from .figures import deep_figure, weight_scale_figure
 from .models import NORMS
 from .training import TrainConfig, run
+from .vectorized import run_many
 
 # The notebook's sections 2 and 3: 1,000 training images, 10 epochs, batch 50, Adam 1e-3.
 PRESETS = {
@@ -48,16 +49,21 @@ def weight_scales(num: int = 20) -> list[float]:
 
 
 def weight_scale(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True,
-                 resume: bool = False, num_scales: int = 20) -> dict[str, list[dict]]:
+                 resume: bool = False, num_scales: int = 20, vectorized: bool = False) -> dict[str, list[dict]]:
     """The notebook's section 3: batch norm vs none across weight-init scales logspace(-4, 0); each run is a
-    TensorBoard hparams row; writes root/weight_scale.png. Returns norm -> summaries by scale."""
+    TensorBoard hparams row; writes root/weight_scale.png. Returns norm -> summaries by scale.
+    vectorized: train all the runs at once as one vmapped program (cifar_bn.vectorized), same outputs."""
     scales = weight_scales(num_scales)
     results: dict[str, list[dict]] = {"torch_bn": [], "none": []}
-    for i, scale in enumerate(scales):
-        for norm in results:
-            run_dir = os.path.join(root, f"scale{i:02d}_{norm}")
-            results[norm].append(run(replace(config, norm=norm, weight_scale=scale), data, run_dir,
-                                     progress=progress, resume=resume))
+    runs = [(norm, replace(config, norm=norm, weight_scale=scale), os.path.join(root, f"scale{i:02d}_{norm}"))
+            for i, scale in enumerate(scales) for norm in results]
+    if vectorized:
+        summaries = run_many([c for _, c, _ in runs], data, [d for _, _, d in runs], root,
+                             progress=progress, resume=resume)
+    else:
+        summaries = [run(c, data, d, progress=progress, resume=resume) for _, c, d in runs]
+    for (norm, _, _), summary in zip(runs, summaries):
+        results[norm].append(summary)
     fig = weight_scale_figure(scales, {LABELS[n]: r for n, r in results.items()})
     save_figure(fig, root, "weight_scale")
     return results
