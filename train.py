@@ -17,12 +17,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 from cifar_bn import experiments
 from cifar_bn.data import CIFAR10Data, DataError, load_cifar10
 from cifar_bn.models import NORMS
 from cifar_bn.training import OPTIMIZERS, RunExistsError, TrainConfig, run
+from cifar_bn.vectorized import check_configs
 
 RUN_FILE = "run.json"  # what was launched, so --resume can launch it again
 
@@ -82,6 +83,8 @@ def plan_from_args(args: argparse.Namespace) -> dict:
             settings[f.name] = value
     settings["norm"] = "torch_bn" if args.batchnorm else (args.norm or "none")
     config = TrainConfig(**settings)
+    if args.vectorized:  # before anything is written: a refused launch leaves nothing
+        check_configs([replace(config, norm=norm) for norm in ("torch_bn", "none")])
     return {"mode": mode, "config": asdict(config), "num_scales": args.num_scales, "vectorized": args.vectorized,
             "data": {"data_dir": args.data_dir or "./data", "verify": not args.no_verify, "num_train": num_train,
                      "num_val": args.num_val, "num_test": args.num_test}}
