@@ -279,7 +279,8 @@ class VectorizedTrainer:
         return torch.load(path, map_location=self.device, weights_only=True) if os.path.isfile(path) else None
 
     def _save(self) -> None:
-        ckpt = {"configs": [asdict(c) for c in self.configs], "epoch": self.epoch, "state": self._state(),
+        ckpt = {"configs": [asdict(c) for c in self.configs], "order": self.order, "epoch": self.epoch,
+                "state": self._state(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "batch_order": self.batch_order.get_state(), "histories": [asdict(h) for h in self.histories],
                 "best_val_acc": self.best_val_acc, "best": self.best, "wall_time": self.wall_time}
@@ -372,3 +373,23 @@ def run_many(configs: list[TrainConfig], data: CIFAR10Data, run_dirs: list[str],
                 out.append(json.load(f))
         return out
     return VectorizedTrainer(configs, data, run_dirs, state_dir, progress=progress, resume=resume).fit()
+
+
+def load_state_dicts(state_dir: str) -> list[dict[str, Tensor]]:
+    """Each model's state_dict (as ``MLP.state_dict()``) at the last checkpoint of the vectorized runs in
+    state_dir, in the order of the configs they were launched with: a model of the batch can be loaded
+    into an :class:`~cifar_bn.models.MLP` and used on its own."""
+    ckpt = torch.load(os.path.join(state_dir, CHECKPOINT), map_location="cpu", weights_only=True)
+    configs = [TrainConfig(**c) for c in ckpt["configs"]]
+    state, out, pos_in_group = ckpt["state"], {}, 0
+    groups = iter(state["groups"])
+    params = buffers = None
+    for pos, config in enumerate(configs):
+        if pos == 0 or config.norm != configs[pos - 1].norm:  # the next group starts
+            params, buffers = next(groups)
+            pos_in_group = 0
+        sd = {f"net.0.{k}": v[pos] for k, v in state["first"].items()}
+        sd.update({f"net.{k}": v[pos_in_group] for k, v in {**params, **buffers}.items()})
+        out[ckpt["order"][pos]] = sd
+        pos_in_group += 1
+    return [out[i] for i in range(len(configs))]

@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 from cifar_bn.data import load_cifar10
 from cifar_bn.training import RunExistsError, TrainConfig, run
-from cifar_bn.vectorized import CHECKPOINT, VectorizedTrainer, run_many
+from cifar_bn.models import MLP
+from cifar_bn.vectorized import VectorizedTrainer, load_state_dicts, run_many
 
 TINY = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
 # float32 rounding differs between one matrix product for all models and one per model.
@@ -33,22 +34,6 @@ def sweep(**kw):
     return [TrainConfig(norm=n, weight_scale=s, **base) for s in (1e-3, 3e-2, 0.3) for n in ("torch_bn", "none")]
 
 
-def stacked_weights(state_dir, configs):
-    """Each model's final state_dict, read from the vectorized checkpoint (models stored BN group first)."""
-    ck = torch.load(os.path.join(state_dir, CHECKPOINT), weights_only=True)
-    order = sorted(range(len(configs)), key=lambda i: ("torch_bn", "none").index(configs[i].norm))
-    starts = {"torch_bn": 0, "none": sum(c.norm == "torch_bn" for c in configs)}
-    group = {"torch_bn": 0, "none": 1 if starts["none"] else 0}
-    out = {}
-    for pos, i in enumerate(order):
-        norm = configs[i].norm
-        params, buffers = ck["state"]["groups"][group[norm]]
-        sd = {f"net.0.{k}": v[pos] for k, v in ck["state"]["first"].items()}
-        sd.update({f"net.{k}": v[pos - starts[norm]] for k, v in {**params, **buffers}.items()})
-        out[i] = sd
-    return out
-
-
 @pytest.mark.slow
 def test_vectorized_equals_sequential(tiny_cifar, tmp_path):
     data = tiny_data(tiny_cifar)
@@ -56,7 +41,7 @@ def test_vectorized_equals_sequential(tiny_cifar, tmp_path):
     seq = [run(c, data, str(tmp_path / "seq" / str(i)), progress=False) for i, c in enumerate(configs)]
     vec = run_many(configs, data, [str(tmp_path / "vec" / str(i)) for i in range(len(configs))],
                    str(tmp_path / "vec"), progress=False)
-    final = stacked_weights(str(tmp_path / "vec"), configs)
+    final = load_state_dicts(str(tmp_path / "vec"))
     n_train = len(data.X_train)
     for i, (c, a, b) in enumerate(zip(configs, seq, vec)):
         assert b["config"] == a["config"]
@@ -68,6 +53,7 @@ def test_vectorized_equals_sequential(tiny_cifar, tmp_path):
         assert abs(b["test_acc"] - a["test_acc"]) <= 1 / len(data.y_test) + 1e-12
         ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["model"]
         assert final[i].keys() == ref.keys()
+        MLP(3072, c.hidden_dims, 10, c.norm).load_state_dict(final[i])  # loads into the model it came from
         for name, v in ref.items():
             ours = final[i][name]
             if name.endswith(".bias") and f"net.{int(name.split('.')[1]) + 1}.running_mean" in ref:
@@ -88,7 +74,7 @@ def test_vectorized_sgd_biases_equal_too(tiny_cifar, tmp_path):
     configs = sweep(optimizer="sgd", lr=1e-2, epochs=2)[2:4]
     seq = [run(c, data, str(tmp_path / "seq" / str(i)), progress=False) for i, c in enumerate(configs)]
     run_many(configs, data, [str(tmp_path / "vec" / str(i)) for i in range(2)], str(tmp_path / "vec"), progress=False)
-    final = stacked_weights(str(tmp_path / "vec"), configs)
+    final = load_state_dicts(str(tmp_path / "vec"))
     for i in range(2):
         ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["model"]
         for name, v in ref.items():
