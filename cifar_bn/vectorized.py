@@ -178,21 +178,22 @@ class VectorizedTrainer:
             loss, g.buffers = g.loss(g.params, g.buffers, h[:, g.index], y)
             losses.append(loss)
         loss = torch.cat(losses)
-        total = loss.sum()  # the models share no parameters: d total / d theta_k = d loss_k / d theta_k
         if self.config.reg:
-            total = total + 0.5 * self.config.reg * sum(self._weight_squares())
+            loss = loss + 0.5 * self.config.reg * self._weight_squares()
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.sum().backward()  # the models share no parameters: d sum / d theta_k = d loss_k / d theta_k
         self.optimizer.step()
         return loss.detach()
 
-    def _weight_squares(self) -> list[Tensor]:
-        """Sum over all models of each Linear weight's squares (the notebook's L2 penalty, summed over models)."""
-        out = [self.first["weight"].square().sum()]
+    def _weight_squares(self) -> Tensor:
+        """Each model's sum of squared Linear weights (M,): the notebook's L2 penalty without 0.5 * reg."""
+        out = self.first["weight"].square().sum((1, 2))
+        rest = []
         for g in self.groups:
-            out += [p.square().sum() for name, p in g.params.items()
-                    if name.endswith("weight") and isinstance(g.template.get_submodule(name.rpartition(".")[0]), nn.Linear)]
-        return out
+            linear = [p for name, p in g.params.items() if name.endswith("weight")
+                      and isinstance(g.template.get_submodule(name.rpartition(".")[0]), nn.Linear)]
+            rest.append(sum(p.square().flatten(1).sum(1) for p in linear))
+        return out + torch.cat(rest)
 
     @torch.no_grad()
     def _accuracies(self, x: Tensor, labels: list[Tensor], state: dict) -> list[list[float]]:
