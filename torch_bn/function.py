@@ -159,3 +159,12 @@ class BatchNormFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+class CompiledBatchNormFunction(BatchNormFunction):
+    """BatchNormFunction without ``jvp``, for code ``torch.compile`` traces: Dynamo cannot trace
+    an autograd Function that defines a custom ``jvp`` (it would break the graph), so compiled
+    code has reverse-mode AD only. Eager code, torch.func and forward_ad use BatchNormFunction."""
+
+    jvp = staticmethod(torch.autograd.Function.jvp)
+

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .function import BatchNormFunction
+from .function import BatchNormFunction, CompiledBatchNormFunction
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
@@ -73,7 +73,8 @@ def batch_norm(
         return ops.normalize(input, running_mean.to(ops.compute_dtype(input)),
                              torch.rsqrt(running_var.to(ops.compute_dtype(input)) + eps), weight, bias)
 
-    y, mean, var = BatchNormFunction.apply(input, weight, bias, eps, backward)
+    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    y, mean, var = function.apply(input, weight, bias, eps, backward)
     with torch.no_grad():
         # running = (1 - momentum) * running + momentum * batch, as lerp: one op per buffer.
         if running_mean is not None:
