@@ -325,3 +325,15 @@ def test_nested_functional_call_is_refused():
         torch_bn.func.functional_call(Outer(), {}, (torch.randn(4, 3),))
     inner(torch.randn(4, 3))  # and the layer works normally afterwards
     assert inner.num_batches_tracked.item() == 1
+
+
+def test_stateless_under_torch_compile_equals_eager():
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    f = lambda x: batch_norm_stateless(x, mean, var, training=True)  # noqa: E731
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for a, b in zip(compiled(x), f(x)):
+        torch.testing.assert_close(a, b, **TOL)
+    (g1,) = torch.autograd.grad(compiled(x)[0].square().sum(), x)
+    (g2,) = torch.autograd.grad(f(x)[0].square().sum(), x)
+    torch.testing.assert_close(g1, g2, **TOL)

@@ -131,7 +131,8 @@ def batch_norm_stateless(
                           torch.rsqrt(running_var.to(ops.compute_dtype(input)) + eps), weight, bias)
         return y, running_mean, running_var
 
-    y, mean, var = BatchNormFunction.apply(input, weight, bias, eps, backward)
+    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    y, mean, var = function.apply(input, weight, bias, eps, backward)
     m = input.numel() // input.shape[1]
     new_mean = new_var = None
     if running_mean is not None:
