@@ -4,6 +4,7 @@
     python train.py --compare                                     # torch_bn vs nn.BatchNorm1d vs none
     python train.py --experiment deep                             # the notebook's section 2 (+ figure)
     python train.py --experiment weight-scale                     # the notebook's section 3 (+ figure)
+    python train.py --experiment weight-scale --vectorized        # the same, all 40 runs at once (vmap)
     python train.py --resume runs/NAME [--epochs N]               # continue an interrupted run, or extend one
     torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
     tensorboard --logdir runs                                     # the dashboards
@@ -18,13 +19,14 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 from cifar_bn import distributed, experiments
 from cifar_bn.data import CIFAR10Data, DataError, load_cifar10
 from cifar_bn.models import NORM_ALIASES, NORMS, canonical_norm
 from cifar_bn.training import (DEVICES, OPTIMIZERS, RunExistsError, TrainConfig, keep_aside, resolve_device,
                                run)
+from cifar_bn.vectorized import check_configs
 
 RUN_FILE = "run.json"  # what was launched, so --resume can launch it again
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # as argparse and shells: 2 bad usage, 128 + SIGINT
@@ -77,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--compare", action="store_true", help="train torch_bn, nn and none into one dashboard")
     what.add_argument("--experiment", choices=sorted(experiments.PRESETS), help="an experiment of the notebook with its settings")
     what.add_argument("--num-scales", type=positive_int, help=f"weight scales in --experiment weight-scale (default {NUM_SCALES})")
+    what.add_argument("--vectorized", action="store_true",
+                      help="--experiment weight-scale: train all its runs at once as one vmapped program")
     what.add_argument("--resume", metavar="RUN_DIR", help="continue the run (or experiment) in RUN_DIR; "
                       "with a larger --epochs, extend it")
     model = p.add_argument_group("model and training (default: TrainConfig's, or the experiment's)")
@@ -114,6 +118,8 @@ def plan_from_args(args: argparse.Namespace) -> dict:
     if args.compare and args.experiment:
         raise UsageError("--compare and --experiment are separate modes (each experiment compares already); pick one")
     mode = args.experiment or ("compare" if args.compare else "single")
+    if args.vectorized and mode != "weight-scale":
+        raise UsageError("--vectorized trains the runs of --experiment weight-scale together; add that, or drop --vectorized")
     settings = dict(experiments.PRESETS.get(args.experiment, {}))
     num_train = settings.pop("num_train", None)
     if args.num_train is not None:
@@ -124,7 +130,10 @@ def plan_from_args(args: argparse.Namespace) -> dict:
             settings[f.name] = value
     settings["norm"] = "torch_bn" if args.batchnorm else (args.norm or "none")
     config = TrainConfig(**settings)
+    if args.vectorized:  # before anything is written: a refused launch leaves nothing
+        check_configs([replace(config, norm=norm) for norm in ("torch_bn", "none")])
     return {"mode": mode, "config": asdict(config), "num_scales": args.num_scales or NUM_SCALES,
+            "vectorized": args.vectorized,
             "data": {"data_dir": args.data_dir or DATA_DEFAULTS["data_dir"], "verify": not args.no_verify,
                      "num_train": num_train, "num_val": args.num_val or DATA_DEFAULTS["num_val"],
                      "num_test": args.num_test or DATA_DEFAULTS["num_test"]}}
@@ -154,6 +163,8 @@ def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
             same, has = d[key] == value, d[key] if d[key] is not None else "the default"
         elif key == "num_scales":
             same, has = plan["num_scales"] == value, plan["num_scales"]
+        elif key == "vectorized":
+            same, has = plan.get("vectorized", False) == value, "sequential runs"
         else:
             has = c[key]
             same = (list(has) == list(value)) if key == "hidden_dims" else has == value
@@ -203,7 +214,7 @@ def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: boo
         raise ValueError(f"unknown mode {mode!r} in the launch plan; expected single, compare, "
                          f"{' or '.join(sorted(experiments.PRESETS))}")
     results = experiments.weight_scale(config, data, root, progress=progress, resume=resume,
-                                       num_scales=plan["num_scales"])
+                                       num_scales=plan["num_scales"], vectorized=plan.get("vectorized", False))
     return {f"{norm} @ scale {s['config']['weight_scale']:.2e}": s for norm, runs in results.items() for s in runs}
 
 

@@ -15,6 +15,7 @@ from .data import CIFAR10Data
 from .figures import activation_std_draws, close, curve_draws, panels, row, weight_scale_draws
 from .models import NORMS
 from .training import LOG_EVERY, TrainConfig, run
+from .vectorized import run_many
 
 # The notebook's sections 2 and 3: 1,000 training images, 10 epochs, batch 50, Adam 1e-3.
 PRESETS = {
@@ -66,19 +67,25 @@ def weight_scales(num: int = 20) -> list[float]:
 
 
 def weight_scale(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True,
-                 resume: bool = False, num_scales: int = 20, log_every: int = LOG_EVERY) -> dict[str, list[dict]]:
+                 resume: bool = False, num_scales: int = 20, log_every: int = LOG_EVERY,
+                 vectorized: bool = False) -> dict[str, list[dict]]:
     """The notebook's section 3: batch norm vs none across weight-init scales logspace(-4, 0); each run is a
     TensorBoard hparams row. Writes root/weight_scale.png (accuracy and loss against the scale) and
     root/activation_std.png (each hidden layer's output std at init and after training, at the
     smallest scale, the baseline's best and the largest), each panel also as a TensorBoard image.
+    vectorized: train all the runs at once as one vmapped program (cifar_bn.vectorized), same outputs.
     Returns norm -> summaries by scale."""
     scales = weight_scales(num_scales)
     results: dict[str, list[dict]] = {"torch_bn": [], "none": []}
-    for i, scale in enumerate(scales):
-        for norm in results:
-            run_dir = os.path.join(root, f"scale{i:02d}_{norm}")
-            results[norm].append(run(replace(config, norm=norm, weight_scale=scale), data, run_dir,
-                                     progress=progress, resume=resume, log_every=log_every))
+    runs = [(norm, replace(config, norm=norm, weight_scale=scale), os.path.join(root, f"scale{i:02d}_{norm}"))
+            for i, scale in enumerate(scales) for norm in results]
+    if vectorized:
+        summaries = run_many([c for _, c, _ in runs], data, [d for _, _, d in runs], root,
+                             progress=progress, resume=resume, log_every=log_every)
+    else:
+        summaries = [run(c, data, d, progress=progress, resume=resume, log_every=log_every) for _, c, d in runs]
+    for (norm, _, _), summary in zip(runs, summaries):
+        results[norm].append(summary)
     best = max(range(len(scales)), key=lambda i: results["none"][i]["best_val_acc"])
     picks = {"tiny": 0, "good": best, "large": len(scales) - 1}
     std_runs = {name: (scales[i], {n: r[i] for n, r in results.items()}) for name, i in picks.items()}

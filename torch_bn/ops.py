@@ -100,6 +100,8 @@ def closed_form_dx(dy: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor | None
     # Multiplied out, dx = g * dy + xhat * (-g * sum_dy_xhat / m) + (-g * sum_dy / m): the factors
     # are per-channel vectors, so two full-size ops (addcmul, addcmul_) do all the work.
     dx = torch.addcmul(as_channel(-g * sum_dy / m, xhat), xhat, as_channel(-g * sum_dy_xhat / m, xhat))
+    if torch._C._are_functorch_transforms_active():
+        return torch.addcmul(dx, dy, as_channel(g, xhat))  # vmap has no batching rule for addcmul_
     return dx.addcmul_(dy, as_channel(g, xhat))
 
 
