@@ -4,7 +4,9 @@
     python train.py --compare                                     # torch_bn vs nn.BatchNorm1d vs none
     python train.py --experiment deep                             # the notebook's section 2 (+ figure)
     python train.py --experiment weight-scale                     # the notebook's section 3 (+ figure)
-    python train.py --resume runs/NAME                            # continue an interrupted run
+    python train.py --experiment weight-scale --vectorized        # the same, all 40 runs at once (vmap)
+    python train.py --resume runs/NAME [--epochs N]               # continue an interrupted run, or extend one
+    torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
     tensorboard --logdir runs                                     # the dashboards
 
 On offline machines add --data-dir ../shared/data --no-verify.
@@ -14,59 +16,110 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
-from cifar_bn import experiments
+from cifar_bn import distributed, experiments
 from cifar_bn.data import CIFAR10Data, DataError, load_cifar10
-from cifar_bn.models import NORMS
-from cifar_bn.training import OPTIMIZERS, RunExistsError, TrainConfig, run
+from cifar_bn.models import NORM_ALIASES, NORMS, canonical_norm
+from cifar_bn.training import (DEVICES, OPTIMIZERS, RunExistsError, TrainConfig, keep_aside, resolve_device,
+                               run)
+from cifar_bn.vectorized import check_configs
 
 RUN_FILE = "run.json"  # what was launched, so --resume can launch it again
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # as argparse and shells: 2 bad usage, 128 + SIGINT
+# What --resume may be given besides the folder: more epochs, and where and how to find the data
+# and the device; every other flag would change the run.
+RESUME_MAY_SET = ("epochs", "data_dir", "no_verify", "device", "quiet")
+DATA_DEFAULTS = {"data_dir": "./data", "num_val": 1000, "num_test": 1000}
+NUM_SCALES = 20
+
+
+class UsageError(ValueError):
+    """A flag is malformed, out of range or contradicts another; the message names it."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as UsageError (main prints them as one line, exit code 2)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (python train.py --help lists the flags)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def layer_widths(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive layer widths separated by commas, such as "
+                                         f"100,100,100; got {text!r}")
+    return dims
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
     what.add_argument("--batchnorm", action="store_true", help="use torch_bn.BatchNorm1d (same as --norm torch_bn)")
-    what.add_argument("--norm", choices=NORMS, help="normalization after each hidden Linear (default: none)")
-    what.add_argument("--compare", action="store_true", help="train torch_bn, torch and none into one dashboard")
+    what.add_argument("--norm", choices=NORMS + tuple(NORM_ALIASES),
+                      help="normalization after each hidden Linear: torch_bn.BatchNorm1d, nn.BatchNorm1d "
+                           "(torch is an alias of nn) or none (the default)")
+    what.add_argument("--compare", action="store_true", help="train torch_bn, nn and none into one dashboard")
     what.add_argument("--experiment", choices=sorted(experiments.PRESETS), help="an experiment of the notebook with its settings")
-    what.add_argument("--num-scales", type=int, default=20, help="weight scales in --experiment weight-scale")
-    what.add_argument("--resume", metavar="RUN_DIR", help="continue the run (or experiment) in RUN_DIR")
+    what.add_argument("--num-scales", type=positive_int, help=f"weight scales in --experiment weight-scale (default {NUM_SCALES})")
+    what.add_argument("--vectorized", action="store_true",
+                      help="--experiment weight-scale: train all its runs at once as one vmapped program")
+    what.add_argument("--resume", metavar="RUN_DIR", help="continue the run (or experiment) in RUN_DIR; "
+                      "with a larger --epochs, extend it")
     model = p.add_argument_group("model and training (default: TrainConfig's, or the experiment's)")
-    model.add_argument("--hidden-dims", type=lambda s: tuple(int(d) for d in s.split(",")), help="e.g. 100,100,100")
+    model.add_argument("--hidden-dims", type=layer_widths, help="e.g. 100,100,100")
     model.add_argument("--weight-scale", type=float, help="init std of Linear weights (default: PyTorch's init)")
-    model.add_argument("--dropout", type=float)
+    model.add_argument("--dropout", type=float, help="probability in [0, 1) after each ReLU")
     model.add_argument("--reg", type=float, help="L2 penalty 0.5*reg*sum(W^2) on Linear weights")
     model.add_argument("--optimizer", choices=OPTIMIZERS)
     model.add_argument("--lr", type=float)
     model.add_argument("--lr-decay", type=float, help="multiply the lr by this after every epoch")
-    model.add_argument("--batch-size", type=int)
-    model.add_argument("--epochs", type=int)
+    model.add_argument("--batch-size", type=positive_int)
+    model.add_argument("--epochs", type=positive_int)
     model.add_argument("--seed", type=int)
-    model.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    model.add_argument("--device", choices=DEVICES, help="default auto: CUDA when present")
+    model.add_argument("--sync-bn", action="store_true", default=None,
+                       help="under torchrun: batch norm over the global batch of all processes")
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default ./data)")
     data.add_argument("--no-verify", action="store_true", help="skip only torchvision's md5 check")
-    data.add_argument("--num-train", type=int, help="keep the first N training images (default 49000)")
-    data.add_argument("--num-val", type=int, default=1000, help="validation images (the last of the training set)")
-    data.add_argument("--num-test", type=int, default=1000, help="test images (the first of the test set)")
+    data.add_argument("--num-train", type=positive_int, help="keep the first N training images (default 49000)")
+    data.add_argument("--num-val", type=positive_int, help="validation images, the last of the training set (default 1000)")
+    data.add_argument("--num-test", type=positive_int, help="test images, the first of the test set (default 1000)")
     out = p.add_argument_group("output")
-    out.add_argument("--logdir", default="runs")
+    out.add_argument("--logdir", help="folder of the runs (default runs)")
     out.add_argument("--run-name", help="default: timestamp and config; an existing run is never overwritten")
     out.add_argument("--quiet", action="store_true", help="no progress bar, no report")
     return p.parse_args(argv)
 
 
 def plan_from_args(args: argparse.Namespace) -> dict:
-    """The launch plan (mode, config, data options) from the command line."""
-    if args.batchnorm and args.norm not in (None, "torch_bn"):
-        raise ValueError(f"--batchnorm means --norm torch_bn, but --norm {args.norm} was given; pass one of them")
+    """The launch plan (mode, config, data options) from the command line; UsageError or
+    ValueError (from TrainConfig) for a bad one."""
+    if args.batchnorm and args.norm is not None and canonical_norm(args.norm) != "torch_bn":
+        raise UsageError(f"--batchnorm means --norm torch_bn, but --norm {args.norm} was given; pass one of them")
     if args.compare and args.experiment:
-        raise ValueError("--compare and --experiment are separate modes (each experiment compares already); pick one")
+        raise UsageError("--compare and --experiment are separate modes (each experiment compares already); pick one")
     mode = args.experiment or ("compare" if args.compare else "single")
+    if args.vectorized and mode != "weight-scale":
+        raise UsageError("--vectorized trains the runs of --experiment weight-scale together; add that, or drop --vectorized")
     settings = dict(experiments.PRESETS.get(args.experiment, {}))
     num_train = settings.pop("num_train", None)
     if args.num_train is not None:
@@ -77,9 +130,51 @@ def plan_from_args(args: argparse.Namespace) -> dict:
             settings[f.name] = value
     settings["norm"] = "torch_bn" if args.batchnorm else (args.norm or "none")
     config = TrainConfig(**settings)
-    return {"mode": mode, "config": asdict(config), "num_scales": args.num_scales,
-            "data": {"data_dir": args.data_dir or "./data", "verify": not args.no_verify, "num_train": num_train,
-                     "num_val": args.num_val, "num_test": args.num_test}}
+    if args.vectorized:  # before anything is written: a refused launch leaves nothing
+        check_configs([replace(config, norm=norm) for norm in ("torch_bn", "none")])
+    return {"mode": mode, "config": asdict(config), "num_scales": args.num_scales or NUM_SCALES,
+            "vectorized": args.vectorized,
+            "data": {"data_dir": args.data_dir or DATA_DEFAULTS["data_dir"], "verify": not args.no_verify,
+                     "num_train": num_train, "num_val": args.num_val or DATA_DEFAULTS["num_val"],
+                     "num_test": args.num_test or DATA_DEFAULTS["num_test"]}}
+
+
+def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
+    """UsageError naming the first flag given with --resume that would change the run (any but
+    RESUME_MAY_SET, and --epochs below the run's); flags repeating the run's value pass."""
+    c, d = plan["config"], plan["data"]
+    for key, value in vars(args).items():
+        if value is None or value is False or key in RESUME_MAY_SET or key == "resume":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in ("logdir", "run_name"):
+            raise UsageError(f"{flag} names a new run folder, but --resume continues the one in {root}; drop {flag}")
+        given = flag if value is True else f"{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+        if key == "batchnorm":
+            key, value = "norm", "torch_bn"
+        if key == "norm":
+            same = plan["mode"] == "single" and canonical_norm(value) == canonical_norm(c["norm"])
+            has = c["norm"] if plan["mode"] == "single" else f"the {plan['mode']} mode"
+        elif key == "compare":
+            same, has = plan["mode"] == "compare", f"the {plan['mode']} mode"
+        elif key == "experiment":
+            same, has = plan["mode"] == value, f"the {plan['mode']} mode"
+        elif key in d:
+            same, has = d[key] == value, d[key] if d[key] is not None else "the default"
+        elif key == "num_scales":
+            same, has = plan["num_scales"] == value, plan["num_scales"]
+        elif key == "vectorized":
+            same, has = plan.get("vectorized", False) == value, "sequential runs"
+        else:
+            has = c[key]
+            same = (list(has) == list(value)) if key == "hidden_dims" else has == value
+        if not same:
+            raise UsageError(f"{given} would change the run in {root} (it has {has}); --resume keeps a "
+                             f"run's settings and takes only a larger --epochs, --data-dir, --no-verify and "
+                             f"--device: drop {flag}, or start a new run")
+    if args.epochs is not None and args.epochs < c["epochs"]:
+        raise UsageError(f"--epochs {args.epochs} is fewer than the {c['epochs']} of the run in {root}; a resumed "
+                         f"run can be extended, not shortened")
 
 
 def default_run_name(plan: dict) -> str:
@@ -89,8 +184,21 @@ def default_run_name(plan: dict) -> str:
 
 
 def load_data(plan: dict) -> CIFAR10Data:
+    """The plan's data, checked against its config: DataError if it cannot be loaded, UsageError
+    if it holds less than one batch."""
     d = plan["data"]
-    return load_cifar10(d["data_dir"], d["num_train"], d["num_val"], d["num_test"], verify=d["verify"])
+    data = load_cifar10(d["data_dir"], d["num_train"], d["num_val"], d["num_test"], verify=d["verify"])
+    batch_size = plan["config"]["batch_size"]
+    if len(data.X_train) < batch_size:
+        raise UsageError(f"--num-train {len(data.X_train)} is smaller than --batch-size {batch_size}: not one "
+                         f"full batch per epoch; use more training images or a smaller batch")
+    return data
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: bool) -> dict:
@@ -106,7 +214,7 @@ def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: boo
         raise ValueError(f"unknown mode {mode!r} in the launch plan; expected single, compare, "
                          f"{' or '.join(sorted(experiments.PRESETS))}")
     results = experiments.weight_scale(config, data, root, progress=progress, resume=resume,
-                                       num_scales=plan["num_scales"])
+                                       num_scales=plan["num_scales"], vectorized=plan.get("vectorized", False))
     return {f"{norm} @ scale {s['config']['weight_scale']:.2e}": s for norm, runs in results.items() for s in runs}
 
 
@@ -118,38 +226,88 @@ def report(summaries: dict, root: str) -> None:
     print(f"runs in {root}; dashboards: tensorboard --logdir {os.path.dirname(root.rstrip('/')) or '.'}")
 
 
+def plan_for(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """The launch plan, checked before anything is written; and for --resume its run folder (the
+    run's own plan with the flags it may take applied). A new run's folder is named by
+    :func:`new_run_folder` (by rank 0 alone under torchrun)."""
+    if not args.resume:
+        return plan_from_args(args), None
+    root = args.resume
+    run_file = os.path.join(root, RUN_FILE)
+    if not os.path.isfile(run_file):
+        raise RunExistsError(f"--resume {root}: no {RUN_FILE} there; pass a run folder written by train.py")
+    with open(run_file) as f:
+        plan = json.load(f)
+    check_resume_flags(args, plan, root)
+    if args.data_dir:  # the data may have moved
+        plan["data"]["data_dir"] = args.data_dir
+    if args.no_verify:
+        plan["data"]["verify"] = False
+    if args.device:
+        plan["config"]["device"] = args.device
+    if args.epochs:
+        plan["config"]["epochs"] = args.epochs
+    return plan, root
+
+
+def new_run_folder(args: argparse.Namespace, plan: dict) -> str:
+    """The new run's folder (not created yet), which must not exist."""
+    root = os.path.join(args.logdir or "runs", args.run_name or default_run_name(plan))
+    if os.path.exists(root):
+        raise RunExistsError(f"run folder {root} already exists and runs are never overwritten; "
+                             f"choose another --run-name, or continue it with --resume {root}")
+    return root
+
+
+def record_launch(root: str, plan: dict, resumed: bool) -> None:
+    """Write what was launched (run.json) into a new run folder; for a run extended by --resume
+    --epochs, keep the first run.json aside and record the new epoch count."""
+    run_file = os.path.join(root, RUN_FILE)
+    if not resumed:
+        os.makedirs(root)
+        write_json(run_file, plan)
+        return
+    with open(run_file) as f:
+        before = json.load(f)
+    if before["config"]["epochs"] != plan["config"]["epochs"]:
+        keep_aside(run_file, f"{before['config']['epochs']}epochs")
+        write_json(run_file, {**before, "config": {**before["config"], "epochs": plan["config"]["epochs"]}})
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    started = False  # whether this launch has written anything
+    root = None
     try:
-        if args.resume:
-            run_file = os.path.join(args.resume, RUN_FILE)
-            if not os.path.isfile(run_file):
-                raise RunExistsError(f"--resume {args.resume}: no {RUN_FILE} there; pass a run folder written by train.py")
-            with open(run_file) as f:
-                plan = json.load(f)
-            if args.data_dir:  # the data may have moved; everything else comes from the run
-                plan["data"]["data_dir"] = args.data_dir
-            if args.no_verify:
-                plan["data"]["verify"] = False
-            if args.device:
-                plan["config"]["device"] = args.device
-            root = args.resume
-            data = load_data(plan)
-        else:
-            plan = plan_from_args(args)
-            root = os.path.join(args.logdir, args.run_name or default_run_name(plan))
-            if os.path.exists(root):
-                raise RunExistsError(f"run folder {root} already exists and runs are never overwritten; "
-                                     f"choose another --run-name, or continue it with --resume {root}")
-            data = load_data(plan)  # before creating the folder, so a data error leaves nothing behind
-            os.makedirs(root)
-            with open(os.path.join(root, RUN_FILE), "w") as f:
-                json.dump(plan, f, indent=1)
-        summaries = launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume))
+        args = parse_args(argv)
+        plan, root = plan_for(args)
+        config = plan["config"]
+        device = resolve_device(TrainConfig(**config).device)
+        # Under torchrun every rank runs this; rank 0 alone names, checks and creates the run folder.
+        distributed.check_launch(plan["mode"], config["norm"], config.get("sync_bn", False), device)
+        ctx = distributed.start(device)
+        try:
+            if root is None:
+                root = ctx.on_rank0(new_run_folder, args, plan)
+            data = ctx.on_every_rank(load_data, plan)  # before creating the folder: a data error leaves nothing
+            started = True
+            ctx.on_rank0(record_launch, root, plan, bool(args.resume))
+            summaries = launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume))
+        finally:
+            distributed.stop()
     except (DataError, RunExistsError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    if not args.quiet:
+        if distributed.is_main_process():  # every rank fails alike; one message is enough
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if not distributed.is_main_process():
+            return EXIT_INTERRUPTED
+        if not started:
+            print("train.py: interrupted before the run started; nothing was written", file=sys.stderr)
+        else:
+            print(f"train.py: interrupted; {root} keeps each run's last epoch checkpoint; continue with: "
+                  f"python train.py --resume {shlex.quote(root)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not args.quiet and distributed.is_main_process():
         report(summaries, root)
     return 0
 

@@ -1,44 +1,136 @@
 """TensorBoard logging of a training run, through tensorboard's SummaryWriter.
 
-Every tag uses the iteration count as its step (epoch-level scalars at the iteration that
-ends the epoch), so a resumed run can drop events past its checkpoint with ``purge_step``.
+Every tag uses the iteration count as its step (epoch-level values at the iteration that ends
+the epoch), so a resumed run can drop events past its checkpoint with ``purge_step``. Tags:
+
+- ``loss/train`` every iteration, ``loss/train_epoch`` (the epoch's mean) and ``lr`` per epoch;
+- ``accuracy/train``, ``accuracy/val`` at every accuracy check (several per epoch),
+  ``accuracy/best_val`` (best so far) per epoch;
+- ``layer<i>/...`` per layer, every ``log_every`` iterations: mean and std of the Linear's output
+  (``pre_norm``; for a model without normalization, the Linear output feeding the activation) and
+  of the batch norm's output (``post_norm``), and the norm of the Linear weight's gradient; per
+  epoch, histograms of those outputs and of the batch norm's parameters and running statistics;
+- the hparams plugin's experiment (the declared hparams and metrics) and session, a text card.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+from tensorboard.plugins.hparams import summary_v2 as hp
+from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
+
+from .models import hidden_layers, weighted_layers
+
+# The hparams as the HParams tab lists them: what the experiments vary first, then the rest.
+HPARAMS = ("norm", "weight_scale", "num_train", "lr", "optimizer", "seed", "epochs", "batch_size", "hidden_dims",
+           "dropout", "reg", "lr_decay", "device")
+HISTOGRAM_BINS = 64  # fixed bins: ~10x cheaper to write than SummaryWriter's default edges, as legible
+# The metrics the HParams tab shows: the last value of these scalar curves (no extra scalars).
+METRICS = (("accuracy/best_val", "best val acc"), ("accuracy/val", "final val acc"),
+           ("accuracy/train", "final train acc"), ("loss/train_epoch", "final epoch loss"))
+
+
+def hparam_values(config: dict[str, Any], num_train: int, device: str) -> dict[str, bool | int | float | str]:
+    """The run's hparams as the plugin takes them: the config with the training-set size and the
+    device actually used; PyTorch's default init (weight_scale None) reads "default"."""
+    values = {**config, "num_train": num_train, "device": device}
+    if values.get("weight_scale") is None:
+        values["weight_scale"] = "default"
+    return {k: (v if isinstance(v, (bool, int, float, str)) else ",".join(map(str, v))
+                if isinstance(v, (list, tuple)) else str(v)) for k, v in values.items()}
+
+
+class LayerProbe:
+    """Statistics of each layer of ``model`` for the dashboard, taken on request.
+
+    Forward hooks keep the output of every hidden Linear (``pre_norm``) and of the batch norm
+    after it (``post_norm``) while ``armed`` is set; :meth:`stats` then gives their mean and std
+    and the norm of every Linear weight's gradient (layers numbered from 1, the output layer
+    last). Disarmed, each hook costs one attribute test.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = hidden_layers(model)
+        self.weights = weighted_layers(model)
+        self.armed = False
+        self.outputs: dict[tuple[int, str], Tensor] = {}
+        self.handles = []
+        for i, layer in enumerate(self.layers, 1):
+            self.handles.append(layer.linear.register_forward_hook(self._keeper(i, "pre_norm")))
+            if layer.norm is not None:
+                self.handles.append(layer.norm.register_forward_hook(self._keeper(i, "post_norm")))
+
+    def _keeper(self, i: int, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if self.armed:
+                self.outputs[(i, name)] = output.detach()
+        return hook
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        """tag -> value for the last armed forward pass and the gradients now held."""
+        tags, values = [], []
+        for (i, name), out in sorted(self.outputs.items()):
+            out = out.float()
+            tags += [f"layer{i}/{name}_mean", f"layer{i}/{name}_std"]
+            values += [out.mean(), out.std()]
+        for i, m in enumerate(self.weights, 1):
+            if m.weight.grad is not None:
+                tags.append(f"layer{i}/weight_grad_norm")
+                values.append(m.weight.grad.float().norm())
+        return dict(zip(tags, torch.stack(values).tolist())) if values else {}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 class RunLogger:
-    """One run's dashboard: scalars, BN histograms, hparams and figures in ``run_dir``."""
+    """One run's dashboard: scalars, histograms, hparams, text and figures in ``run_dir``."""
 
     def __init__(self, run_dir: str, purge_step: int | None = None) -> None:
         self.writer = SummaryWriter(run_dir, purge_step=purge_step)
 
+    def start(self, hparams: dict[str, Any], trial_id: str, card: str) -> None:
+        """A fresh run's hparams (declared experiment + this session) and its text card, at step 0."""
+        declared = [hp.HParam(name) for name in HPARAMS if name in hparams]
+        declared += [hp.HParam(name) for name in sorted(hparams) if name not in HPARAMS]
+        metrics = [hp.Metric(tag, display_name=name) for tag, name in METRICS]
+        fw = self.writer.file_writer
+        fw.add_summary(hp.hparams_config_pb(declared, metrics), 0)
+        fw.add_summary(hp.hparams_pb(hparams, trial_id=trial_id), 0)
+        self.text("about", card, 0)
+
     def iteration(self, step: int, loss: float) -> None:
         self.writer.add_scalar("loss/train", loss, step)
 
-    def epoch(self, step: int, train_acc: float, val_acc: float, lr: float, norms: list[nn.Module]) -> None:
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def accuracy(self, step: int, train_acc: float, val_acc: float) -> None:
         self.writer.add_scalar("accuracy/train", train_acc, step)
         self.writer.add_scalar("accuracy/val", val_acc, step)
-        self.writer.add_scalar("lr", lr, step)
-        for i, bn in enumerate(norms):
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                t = getattr(bn, name, None)
-                if t is not None:
-                    self.writer.add_histogram(f"bn{i}/{name}", t.detach().float().cpu(), step)
 
-    def hparams(self, config: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-        """One row in TensorBoard's HPARAMS tab for this run (written into this run's folder,
-        unlike SummaryWriter.add_hparams, which opens a sub-folder per call)."""
-        flat = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}
-        for summary in hparams(flat, metrics):
-            self.writer.file_writer.add_summary(summary, step)
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+    def epoch(self, step: int, lr: float, epoch_loss: float | None, best_val_acc: float, probe: LayerProbe) -> None:
+        """Per-epoch scalars and the histograms of each layer's outputs and batch-norm tensors."""
+        self.writer.add_scalar("lr", lr, step)
+        self.writer.add_scalar("accuracy/best_val", best_val_acc, step)
+        if epoch_loss is not None:
+            self.writer.add_scalar("loss/train_epoch", epoch_loss, step)
+        for (i, name), out in sorted(probe.outputs.items()):
+            self.writer.add_histogram(f"layer{i}/{name}", out.float().cpu(), step, bins=HISTOGRAM_BINS)
+        for i, layer in enumerate(probe.layers, 1):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(layer.norm, name, None)
+                if t is not None:
+                    self.writer.add_histogram(f"layer{i}/bn_{name}", t.detach().float().cpu(), step,
+                                              bins=HISTOGRAM_BINS)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.writer.add_text(tag, markdown, step)
 
     def figure(self, tag: str, fig, step: int = 0) -> None:
         self.writer.add_figure(tag, fig, step, close=False)

@@ -1,47 +1,133 @@
-"""The notebook's figures, drawn with matplotlib from run summaries (no display needed)."""
+"""The figures, drawn with matplotlib from run summaries (no display needed).
+
+Each figure is a set of panels. ``panels`` gives one card-sized figure per panel (what
+TensorBoard shows, one image each, legible in its card); ``row`` draws the same panels side by
+side in one figure (the PNG in the run folder and the README). Each normalization has one colour
+and one label in every figure (COLORS, LABELS).
+"""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs headless
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+COLORS = {"torch_bn": "#1f77b4", "nn": "#2ca02c", "none": "#d62728"}
+LABELS = {"torch_bn": "batch norm (torch_bn)", "nn": "nn.BatchNorm1d", "none": "no normalization"}
+CARD = (6.4, 4.0)  # inches at 100 dpi: 640 x 400 px, the shape of a TensorBoard image card
 
-def deep_figure(histories: dict[str, dict]) -> Figure:
-    """The notebook's section 2: training loss per iteration, train and val accuracy per epoch.
+Panel = Callable[[Axes], None]
 
-    histories: label -> History as a dict (loss, train_acc, val_acc).
-    """
-    fig, axes = plt.subplots(3, 1, figsize=(10, 12))
-    for label, h in histories.items():
-        axes[0].plot(h["loss"], "o", markersize=3, label=label)
-        axes[1].plot(h["train_acc"], "-o", label=label)
-        axes[2].plot(h["val_acc"], "-o", label=label)
-    for ax, title, xlabel in zip(axes, ("Training loss", "Training accuracy", "Validation accuracy"),
-                                 ("Iteration", "Epoch", "Epoch")):
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
+
+def panels(draws: dict[str, Panel]) -> dict[str, Figure]:
+    """One card-sized figure per panel: name -> Figure."""
+    out = {}
+    for name, draw in draws.items():
+        fig, ax = plt.subplots(figsize=CARD, dpi=100)
+        draw(ax)
+        fig.tight_layout()
+        out[name] = fig
+    return out
+
+
+def row(draws: dict[str, Panel]) -> Figure:
+    """All panels side by side in one figure."""
+    fig, axes = plt.subplots(1, len(draws), figsize=(CARD[0] * len(draws), CARD[1]), dpi=100, squeeze=False)
+    for ax, draw in zip(axes[0], draws.values()):
+        draw(ax)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Figure) -> None:
+    """Release a figure drawn here (pyplot keeps every figure until closed)."""
+    plt.close(fig)
+
+
+def _epochs(history: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch of each iteration, epoch of each accuracy check): iterations as fractions of epochs."""
+    epochs = max(len(history["train_acc"]) - 1, 1)
+    per_epoch = max(len(history["loss"]) / epochs, 1)
+    iters = np.arange(1, len(history["loss"]) + 1) / per_epoch
+    checks = np.asarray(history.get("check_step") or np.arange(len(history["val_acc"])) * per_epoch) / per_epoch
+    return iters, checks
+
+
+def _smooth(values: list[float], n: int) -> np.ndarray:
+    """Moving average over n points (shorter at the start)."""
+    c = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    i = np.arange(1, len(c))
+    lo = np.maximum(i - n, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def curve_draws(histories: dict[str, dict]) -> dict[str, Panel]:
+    """Training loss (each iteration faint, a moving average solid), train and val accuracy at
+    every check, against epochs; histories: norm -> History as a dict."""
+
+    def loss(ax: Axes) -> None:
+        for norm, h in histories.items():
+            x, _ = _epochs(h)
+            ax.plot(x, h["loss"], ".", markersize=2, alpha=0.25, color=COLORS[norm])
+            ax.plot(x, _smooth(h["loss"], max(len(h["loss"]) // 50, 1)), color=COLORS[norm], label=LABELS[norm])
+        ax.set(title="Training loss", xlabel="Epoch", ylabel="cross-entropy")
         ax.legend(loc="best")
-    fig.tight_layout()
-    return fig
+
+    def accuracy(key: str, title: str) -> Panel:
+        def draw(ax: Axes) -> None:
+            for norm, h in histories.items():
+                _, x = _epochs(h)
+                ax.plot(x, h.get(f"check_{key}") or h[key], "-o", markersize=3, color=COLORS[norm], label=LABELS[norm])
+            ax.set(title=title, xlabel="Epoch", ylabel="accuracy")
+            ax.legend(loc="best")
+        return draw
+
+    return {"loss": loss, "train_accuracy": accuracy("train_acc", "Training accuracy (1,000-image sample)"),
+            "val_accuracy": accuracy("val_acc", "Validation accuracy")}
 
 
-def weight_scale_figure(scales: list[float], results: dict[str, list[dict]]) -> Figure:
-    """The notebook's section 3: best val acc, best train acc and final training loss vs weight scale.
+def weight_scale_draws(scales: list[float], results: dict[str, list[dict]]) -> dict[str, Panel]:
+    """The notebook's section 3: best val acc, best train acc and final training loss against the
+    weight-initialization scale; results: norm -> one summary per scale."""
 
-    results: label -> one summary per scale (best_val_acc, best_train_acc, final_loss).
-    """
-    fig, axes = plt.subplots(3, 1, figsize=(10, 14))
-    panels = [("best_val_acc", "Best val accuracy"), ("best_train_acc", "Best training accuracy"),
-              ("final_loss", "Final training loss")]
-    for ax, (key, ylabel) in zip(axes, panels):
-        for label, summaries in results.items():
-            ax.semilogx(scales, [s[key] for s in summaries], "-o", label=label)
-        ax.set_title(f"{ylabel} vs weight initialization scale")
-        ax.set_xlabel("Weight initialization scale")
-        ax.set_ylabel(ylabel)
-        ax.legend()
-    axes[2].set_ylim(1.0, 3.5)  # as the notebook: diverged runs (huge loss) go off the top
-    fig.tight_layout()
-    return fig
+    def panel(key: str, ylabel: str) -> Panel:
+        def draw(ax: Axes) -> None:
+            for norm, summaries in results.items():
+                ax.semilogx(scales, [s[key] for s in summaries], "-o", color=COLORS[norm], label=LABELS[norm])
+            ax.set(title=f"{ylabel} vs weight init scale", xlabel="weight initialization scale", ylabel=ylabel)
+            if key == "final_loss":
+                ax.set_ylim(1.0, 3.5)  # as the notebook: diverged runs (huge loss) go off the top
+            ax.legend(loc="best")
+        return draw
+
+    return {"best_val_acc": panel("best_val_acc", "Best val accuracy"),
+            "best_train_acc": panel("best_train_acc", "Best training accuracy"),
+            "final_loss": panel("final_loss", "Final training loss")}
+
+
+def activation_std_draws(runs: dict[str, tuple[float, dict[str, dict]]]) -> dict[str, Panel]:
+    """The std of each hidden layer's output (depth on the x axis) at initialization (dashed) and
+    after training (solid), per normalization: one panel per weight scale; runs: panel name
+    (e.g. "tiny") -> (weight scale, norm -> summary with ``activation_std``)."""
+
+    def panel(title: str, summaries: dict[str, dict]) -> Panel:
+        def draw(ax: Axes) -> None:
+            for norm, s in summaries.items():
+                stds = s["activation_std"]
+                depth = np.arange(1, len(stds["init"]) + 1)
+                ax.semilogy(depth, stds["init"], "--o", markersize=4, color=COLORS[norm],
+                            label=f"{LABELS[norm]}, init")
+                ax.semilogy(depth, stds["final"], "-o", markersize=4, color=COLORS[norm],
+                            label=f"{LABELS[norm]}, trained")
+            ax.set(title=title, xlabel="hidden layer (depth)", ylabel="std of the layer's output (after ReLU)")
+            ax.set_xticks(depth)
+            ax.legend(loc="best", fontsize="small")
+        return draw
+
+    return {name: panel(f"{name.capitalize()} init scale {scale:.1e}", summaries)
+            for name, (scale, summaries) in runs.items()}

@@ -2,29 +2,54 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from torch_bn import BatchNorm1d, BatchNorm2d
 
-NORMS = ("torch_bn", "torch", "none")
+NORMS = ("torch_bn", "nn", "none")
+NORM_ALIASES = {"torch": "nn"}  # "torch" reads like the whole library; accepted, stored as "nn"
+
+
+def canonical_norm(norm: str) -> str:
+    """The normalization's name in NORMS ("torch" is accepted for "nn"); ValueError for any other."""
+    norm = NORM_ALIASES.get(norm, norm)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)} (or torch, an alias of nn), got {norm!r}")
+    return norm
 
 
 class MLP(nn.Module):
     """Multi-layer perceptron for flattened images, with optional batch norm per hidden layer.
 
-    norm: "torch_bn" (torch_bn.BatchNorm1d), "torch" (nn.BatchNorm1d) or "none".
-    weight_scale: if given, every Linear weight ~ N(0, weight_scale^2) and biases 0 (the notebook's
-    init); None keeps PyTorch's default init. dropout: probability after each ReLU (0: none).
-    Input (N, input_dim) or images (N, C, H, W), flattened; output logits (N, num_classes).
+    Args:
+        input_dim: features per input (3072 for flattened CIFAR-10 images).
+        hidden_dims: width of each hidden layer (each positive).
+        num_classes: logits out.
+        norm: "torch_bn" (torch_bn.BatchNorm1d), "nn" (nn.BatchNorm1d; "torch" is an alias) or "none".
+        weight_scale: if given, every Linear weight ~ N(0, weight_scale^2) and biases 0 (the
+            notebook's init); None keeps PyTorch's default init.
+        dropout: probability after each ReLU, in [0, 1) (0: no dropout layers).
+
+    Shape:
+        Input (N, input_dim) or images (N, C, H, W), flattened; output logits (N, num_classes).
+
+    Examples:
+        >>> model = MLP(3072, (100, 100), 10, norm="torch_bn", weight_scale=2e-2)
+        >>> model(torch.randn(50, 3, 32, 32)).shape
+        torch.Size([50, 10])
     """
 
     def __init__(self, input_dim: int = 3072, hidden_dims: Sequence[int] = (100,) * 5, num_classes: int = 10,
                  norm: str = "torch_bn", weight_scale: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        norm = canonical_norm(norm)
+        if not hidden_dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in hidden_dims):
+            raise ValueError(f"hidden_dims must be one or more positive integers, got {tuple(hidden_dims)}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout is a probability in [0, 1), got {dropout}")
         if weight_scale is not None and not weight_scale > 0:
             raise ValueError(f"weight_scale must be positive (or None for PyTorch's init), got {weight_scale}")
         layers: list[nn.Module] = []
@@ -33,7 +58,7 @@ class MLP(nn.Module):
             layers.append(nn.Linear(d_in, d_out))
             if norm == "torch_bn":
                 layers.append(BatchNorm1d(d_out))
-            elif norm == "torch":
+            elif norm == "nn":
                 layers.append(nn.BatchNorm1d(d_out))
             layers.append(nn.ReLU())
             if dropout > 0:
@@ -61,5 +86,65 @@ def l2_penalty(model: nn.Module, reg: float) -> Tensor:
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
     """The batch-norm layers of ``model`` (torch_bn's and torch.nn's), in order."""
-    return [m for m in model.modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d))]
+    return [m for m in model.modules() if isinstance(m, _NORMS)]
+
+
+class HiddenLayer(NamedTuple):
+    """One hidden layer of a model: its Linear (or conv), the norm after it (None without) and
+    its activation."""
+
+    linear: nn.Module
+    norm: nn.Module | None
+    activation: nn.Module
+
+
+_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d)
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SiLU)
+
+
+def hidden_layers(model: nn.Module) -> list[HiddenLayer]:
+    """The hidden layers of ``model`` in forward order: each Linear/conv, the batch norm right
+    after it if any, and the activation that ends it (found by module order, which is the
+    forward order for Sequential models such as MLP). A Linear with no activation after it (the
+    output layer) is not a hidden layer."""
+    layers: list[HiddenLayer] = []
+    linear = norm = None
+    for m in model.modules():
+        if isinstance(m, _WEIGHTED):
+            linear, norm = m, None
+        elif linear is not None and norm is None and isinstance(m, _NORMS):
+            norm = m
+        elif linear is not None and isinstance(m, _ACTIVATIONS):
+            layers.append(HiddenLayer(linear, norm, m))
+            linear = norm = None
+    return layers
+
+
+def weighted_layers(model: nn.Module) -> list[nn.Module]:
+    """Every Linear and conv layer of ``model`` in module order (the hidden ones, then the output)."""
+    return [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+
+
+@torch.no_grad()
+def activation_stds(model: nn.Module, x: Tensor) -> list[float]:
+    """Standard deviation of each hidden layer's output (after its activation) for the batch x,
+    with batch norm on batch statistics (as in training) and dropout off. The model's mode and
+    buffers (running statistics) are left as they were."""
+    outputs: list[Tensor] = []
+    handles = [layer.activation.register_forward_hook(lambda m, i, out: outputs.append(out))
+               for layer in hidden_layers(model)]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
+    try:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.load_state_dict(buffers, strict=False)
+        model.train(was_training)
+    return [out.float().std().item() for out in outputs]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import func as _func
 from . import ops
 from .functional import batch_norm
 
@@ -114,6 +115,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             # input checks, running-statistics update and the train/eval switch included.
             return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
+        if _func.recording():  # inside torch_bn.func.functional_call: new buffers returned, none written
+            return _func.stateless_forward(self, input)
         # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -32,16 +32,23 @@ def as_channel(v: Tensor, x: Tensor) -> Tensor:
     return v.view([1, -1] + [1] * (x.dim() - 2))
 
 
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel batch mean and biased variance (C,) in compute dtype.
+def batch_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Values per channel m, per-channel mean and M2 = sum((x - mean)^2) (C,) in compute dtype.
 
-    Two passes: the mean, then the mean of squared deviations. Stable for data far from zero,
-    where E[x^2] - E[x]^2 cancels catastrophically.
+    Two passes: the mean, then the sum of squared deviations. Stable for data far from zero,
+    where E[x^2] - E[x]^2 cancels catastrophically. An empty batch (m = 0) gives mean 0 and
+    M2 0, so that it adds nothing when moments of several batches are combined.
     """
     dims, m = reduce_dims(x), x.numel() // x.shape[1]
-    mean = x.sum(dims, dtype=compute_dtype(x)) / m
+    mean = x.sum(dims, dtype=compute_dtype(x)) / max(m, 1)
     xmu = x - as_channel(mean, x)
-    return mean, (xmu * xmu).sum(dims) / m
+    return m, mean, (xmu * xmu).sum(dims)
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance (C,) in compute dtype (see batch_moments)."""
+    m, mean, m2 = batch_moments(x)
+    return mean, m2 / m
 
 
 def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -78,12 +85,24 @@ def closed_form_backward(
     dyc = dy.to(xhat.dtype)
     dbias = dyc.sum(dims)
     dweight = (dyc * xhat).sum(dims)
+    return closed_form_dx(dyc, xhat, rstd, weight, dbias, dweight, m).to(dy.dtype), dweight, dbias
+
+
+def closed_form_dx(dy: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor | None, sum_dy: Tensor,
+                   sum_dy_xhat: Tensor, m: int) -> Tensor:
+    """dx = weight * rstd / m * (m * dy - sum_dy - xhat * sum_dy_xhat), in xhat's dtype.
+
+    Inputs: dy, xhat (N, C, *) in compute dtype; rstd (C,); weight (C,) or None; the per-channel
+    sums sum(dy) and sum(dy * xhat) and the count m they were taken over (the whole batch's,
+    which for synchronized batch norm spans several processes).
+    """
     g = rstd if weight is None else rstd * weight.to(xhat.dtype)
-    # Multiplied out, dx = g * dy + xhat * (-g * dweight / M) + (-g * dbias / M): the factors are
-    # per-channel vectors, so two full-size ops (addcmul, addcmul_) do all the work.
-    dx = torch.addcmul(as_channel(-g * dbias / m, xhat), xhat, as_channel(-g * dweight / m, xhat))
-    dx = dx.addcmul_(dyc, as_channel(g, xhat))
-    return dx.to(dy.dtype), dweight, dbias
+    # Multiplied out, dx = g * dy + xhat * (-g * sum_dy_xhat / m) + (-g * sum_dy / m): the factors
+    # are per-channel vectors, so two full-size ops (addcmul, addcmul_) do all the work.
+    dx = torch.addcmul(as_channel(-g * sum_dy / m, xhat), xhat, as_channel(-g * sum_dy_xhat / m, xhat))
+    if torch._C._are_functorch_transforms_active():
+        return torch.addcmul(dx, dy, as_channel(g, xhat))  # vmap has no batching rule for addcmul_
+    return dx.addcmul_(dy, as_channel(g, xhat))
 
 
 def staged_backward(

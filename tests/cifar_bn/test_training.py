@@ -115,7 +115,7 @@ def test_initial_loss_is_ln10_for_small_weight_scale(norm):
 
 
 def test_mlp_layout_and_bad_arguments():
-    model = MLP(12, (7, 5), 3, norm="torch", dropout=0.5)
+    model = MLP(12, (7, 5), 3, norm="torch", dropout=0.5)  # "torch": the accepted alias of "nn"
     kinds = [type(m).__name__ for m in model.net]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
     assert isinstance(MLP(12, (7,), 3).net[1], torch_bn.BatchNorm1d)
@@ -193,7 +193,7 @@ def test_compare_cli_dashboards_and_summaries(tiny_cifar, tmp_path):
     assert train.main(args) == 0
     root = os.path.join(logdir, "cmp")
     summaries = {}
-    for norm in ("torch_bn", "torch", "none"):
+    for norm in ("torch_bn", "nn", "none"):
         with open(os.path.join(root, norm, "summary.json")) as f:
             summaries[norm] = json.load(f)
         s = summaries[norm]
@@ -201,19 +201,27 @@ def test_compare_cli_dashboards_and_summaries(tiny_cifar, tmp_path):
         acc = events(os.path.join(root, norm))
         tags = acc.Tags()
         assert {"loss/train", "accuracy/train", "accuracy/val", "lr"} <= set(tags["scalars"])
-        assert len(acc.Scalars("loss/train")) == 2 * 13 and len(acc.Scalars("accuracy/val")) == 3
+        assert len(acc.Scalars("loss/train")) == 2 * 13 and len(acc.Scalars("accuracy/best_val")) == 3
+        # 13 iterations an epoch on 130 images: one check per epoch (more would cost over 15% of training).
+        assert [e.step for e in acc.Scalars("accuracy/val")] == [0, 13, 26] == s["history"]["check_step"]
+        histograms = {"layer1/pre_norm", "layer2/pre_norm"}
         if norm != "none":
-            assert {"bn0/weight", "bn0/bias", "bn0/running_mean", "bn1/running_var"} <= set(tags["histograms"])
+            histograms |= {"layer1/post_norm", "layer1/bn_weight", "layer1/bn_bias", "layer1/bn_running_mean",
+                           "layer2/bn_running_var"}
+        assert histograms <= set(tags["histograms"])
         assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
-        assert "hparam/best_val_acc" in tags["scalars"]
+        assert not [t for t in tags["scalars"] if t.startswith("hparam")]
     # Same initial weights and batch order: torch_bn and nn.BatchNorm1d give the same curves.
-    first = [summaries[n]["history"]["loss"][0] for n in ("torch_bn", "torch")]
+    first = [summaries[n]["history"]["loss"][0] for n in ("torch_bn", "nn")]
     assert first[0] == pytest.approx(first[1], rel=1e-6, abs=1e-6)
     assert summaries["none"]["history"]["loss"][0] != pytest.approx(first[0], rel=1e-3)  # BN changes the net
-    for a, b in zip(summaries["torch_bn"]["history"]["loss"], summaries["torch"]["history"]["loss"]):
+    for a, b in zip(summaries["torch_bn"]["history"]["loss"], summaries["nn"]["history"]["loss"]):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
     for key in ("train_acc", "val_acc"):
-        assert summaries["torch_bn"]["history"][key] == summaries["torch"]["history"][key]
+        assert summaries["torch_bn"]["history"][key] == summaries["nn"]["history"][key]
+    # The curves figure: a PNG, and one TensorBoard image per panel in the comparison's own run.
+    assert os.path.getsize(os.path.join(root, "compare.png")) > 10_000
+    assert {"compare/loss", "compare/train_accuracy", "compare/val_accuracy"} <= set(events(root).Tags()["images"])
     # The same run name again is refused, and nothing is overwritten.
     assert train.main(args) == 2
 
@@ -223,10 +231,13 @@ def test_experiments_write_figures_and_hparams(tiny_cifar, tmp_path):
     common = ["--data-dir", tiny_cifar, "--logdir", logdir, "--epochs", "1", "--num-train", "100", *TINY]
     assert train.main(["--experiment", "deep", "--run-name", "deep", *common]) == 0
     assert os.path.getsize(os.path.join(logdir, "deep", "deep.png")) > 10_000
-    assert "deep" in events(os.path.join(logdir, "deep")).Tags()["images"]
+    assert {"deep/loss", "deep/train_accuracy", "deep/val_accuracy"} <= set(events(os.path.join(logdir, "deep")).Tags()["images"])
     assert train.main(["--experiment", "weight-scale", "--num-scales", "2", "--run-name", "ws", *common]) == 0
     root = os.path.join(logdir, "ws")
     assert os.path.getsize(os.path.join(root, "weight_scale.png")) > 10_000
+    assert os.path.getsize(os.path.join(root, "activation_std.png")) > 10_000
+    images = set(events(root).Tags()["images"])
+    assert {"weight_scale/best_val_acc", "activation_std/tiny", "activation_std/good", "activation_std/large"} <= images
     runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     assert runs == ["scale00_none", "scale00_torch_bn", "scale01_none", "scale01_torch_bn"]
     for d in runs:

@@ -1,0 +1,186 @@
+"""The vectorized trainer against the sequential one, its dashboards, resume, and the CLI's --vectorized."""
+import json
+import os
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from cifar_bn.data import load_cifar10
+from cifar_bn.training import RunExistsError, TrainConfig, run
+from cifar_bn.models import MLP
+from cifar_bn.vectorized import VectorizedTrainer, load_state_dicts, run_many
+
+TINY = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
+# float32 rounding differs between one matrix product for all models and one per model.
+LOSS_TOL = dict(rel=1e-5, abs=1e-5)
+WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def tiny_data(root):
+    return load_cifar10(root, num_val=20, num_test=20, verify=False)
+
+
+def events(run_dir):
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def sweep(**kw):
+    base = dict(hidden_dims=(8, 8, 8), epochs=3, batch_size=25, lr=1e-3)
+    base.update(kw)
+    return [TrainConfig(norm=n, weight_scale=s, **base) for s in (1e-3, 3e-2, 0.3) for n in ("torch_bn", "none")]
+
+
+@pytest.mark.slow
+def test_vectorized_equals_sequential(tiny_cifar, tmp_path):
+    data = tiny_data(tiny_cifar)
+    configs = sweep()
+    seq = [run(c, data, str(tmp_path / "seq" / str(i)), progress=False) for i, c in enumerate(configs)]
+    vec = run_many(configs, data, [str(tmp_path / "vec" / str(i)) for i in range(len(configs))],
+                   str(tmp_path / "vec"), progress=False)
+    final = load_state_dicts(str(tmp_path / "vec"))
+    n_train = len(data.X_train)
+    for i, (c, a, b) in enumerate(zip(configs, seq, vec)):
+        assert b["config"] == a["config"]
+        assert b["history"]["loss"] == pytest.approx(a["history"]["loss"], **LOSS_TOL)  # every iteration
+        assert b["history"]["lr"] == a["history"]["lr"]
+        for key, n in (("train_acc", n_train), ("val_acc", len(data.y_val))):
+            # at most one image classified differently (float32 rounding at a near-tie of two logits)
+            assert all(abs(x - y) <= 1 / n + 1e-12 for x, y in zip(a["history"][key], b["history"][key])), (key, i)
+        assert abs(b["test_acc"] - a["test_acc"]) <= 1 / len(data.y_test) + 1e-12
+        ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["model"]
+        assert final[i].keys() == ref.keys()
+        MLP(3072, c.hidden_dims, 10, c.norm).load_state_dict(final[i])  # loads into the model it came from
+        for name, v in ref.items():
+            ours = final[i][name]
+            if name.endswith(".bias") and f"net.{int(name.split('.')[1]) + 1}.running_mean" in ref:
+                # A Linear bias that feeds a BN has zero true gradient: its computed gradient is rounding
+                # noise, which Adam turns into +-lr steps, so it differs by at most 2 lr per step.
+                assert (ours - v).abs().max() <= 2 * c.lr * len(a["history"]["loss"])
+            elif c.norm == "torch_bn" and name.endswith("running_mean"):
+                # The running mean follows that bias (batch mean of W h + b): bounded by the same steps.
+                assert (ours - v).abs().max() <= 2 * c.lr * len(a["history"]["loss"]) + 1e-4 * v.abs().max()
+            else:
+                torch.testing.assert_close(ours, v, **WEIGHT_TOL, msg=lambda m: f"run {i} {name}: {m}")
+
+
+@pytest.mark.slow
+def test_vectorized_sgd_biases_equal_too(tiny_cifar, tmp_path):
+    # With SGD the rounding noise in those biases stays noise-sized: every tensor agrees (with the L2 penalty).
+    data = tiny_data(tiny_cifar)
+    configs = sweep(optimizer="sgd", lr=1e-2, epochs=2, reg=0.05)[2:4]
+    seq = [run(c, data, str(tmp_path / "seq" / str(i)), progress=False) for i, c in enumerate(configs)]
+    vec = run_many(configs, data, [str(tmp_path / "vec" / str(i)) for i in range(2)], str(tmp_path / "vec"),
+                   progress=False)
+    final = load_state_dicts(str(tmp_path / "vec"))
+    for i in range(2):
+        assert vec[i]["history"]["loss"] == pytest.approx(seq[i]["history"]["loss"], **LOSS_TOL)  # penalty included
+        ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["model"]
+        for name, v in ref.items():
+            torch.testing.assert_close(final[i][name], v, **WEIGHT_TOL, msg=lambda m: f"run {i} {name}: {m}")
+    assert seq[0]["history"]["loss"] != pytest.approx(seq[1]["history"]["loss"], rel=1e-3)  # BN changes the net
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_vectorized_resume_equals_uninterrupted(tiny_cifar, tmp_path):
+    data = tiny_data(tiny_cifar)
+    configs = sweep(epochs=3, lr_decay=0.9)[:4]
+    dirs = lambda name: [str(tmp_path / name / str(i)) for i in range(4)]  # noqa: E731
+    full = run_many(configs, data, dirs("full"), str(tmp_path / "full"), progress=False)
+
+    def stop_after_first_epoch(trainer):
+        if trainer.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        VectorizedTrainer(configs, data, dirs("cut"), str(tmp_path / "cut"), progress=False).fit(
+            on_epoch_end=stop_after_first_epoch)
+    assert not os.path.exists(tmp_path / "cut" / "0" / "summary.json")
+    with pytest.raises(RunExistsError, match="never overwritten"):  # a new launch may not reuse the folders
+        VectorizedTrainer(configs, data, dirs("cut"), str(tmp_path / "cut"), progress=False)
+    resumed = run_many(configs, data, dirs("cut"), str(tmp_path / "cut"), progress=False, resume=True)
+    for a, b in zip(full, resumed):
+        assert b["history"] == a["history"] and b["test_acc"] == a["test_acc"]
+    steps = [e.step for e in events(dirs("cut")[0]).Scalars("loss/train")]
+    assert steps == list(range(1, len(full[0]["history"]["loss"]) + 1))  # each iteration logged once
+    # A finished batch is read back, not trained again.
+    again = run_many(configs, data, dirs("cut"), str(tmp_path / "cut"), progress=False, resume=True)
+    assert [s["history"] for s in again] == [s["history"] for s in resumed]
+
+
+@pytest.mark.slow
+def test_cli_vectorized_sweep_writes_what_the_sequential_one_writes(tiny_cifar, tmp_path):
+    logdir = str(tmp_path / "runs")
+    common = ["--experiment", "weight-scale", "--num-scales", "2", "--data-dir", tiny_cifar, "--logdir", logdir,
+              "--epochs", "2", "--num-train", "100", "--hidden-dims", "8,8", *TINY]
+    assert train.main([*common, "--run-name", "seq"]) == 0
+    assert train.main([*common, "--run-name", "vec", "--vectorized"]) == 0
+    seq_root, vec_root = os.path.join(logdir, "seq"), os.path.join(logdir, "vec")
+    assert os.path.getsize(os.path.join(vec_root, "weight_scale.png")) > 10_000
+    assert "weight_scale" in events(vec_root).Tags()["images"]
+    runs = sorted(d for d in os.listdir(seq_root) if os.path.isdir(os.path.join(seq_root, d)))
+    assert runs == sorted(d for d in os.listdir(vec_root) if os.path.isdir(os.path.join(vec_root, d)))
+    for d in runs:
+        a, b = events(os.path.join(seq_root, d)), events(os.path.join(vec_root, d))
+        assert a.Tags()["scalars"] == b.Tags()["scalars"] and a.Tags()["histograms"] == b.Tags()["histograms"]
+        for tag in a.Tags()["scalars"]:
+            assert [e.step for e in a.Scalars(tag)] == [e.step for e in b.Scalars(tag)]
+        assert a.PluginTagToContent("hparams").keys() == b.PluginTagToContent("hparams").keys()
+        with open(os.path.join(seq_root, d, "summary.json")) as f:
+            s = json.load(f)
+        with open(os.path.join(vec_root, d, "summary.json")) as f:
+            v = json.load(f)
+        assert set(v) >= set(s) and v["config"] == s["config"]
+        assert v["history"]["loss"] == pytest.approx(s["history"]["loss"], **LOSS_TOL)
+    with open(os.path.join(vec_root, "run.json")) as f:
+        assert json.load(f)["vectorized"] is True
+    # --resume of the finished sweep reads it back.
+    assert train.main(["--resume", vec_root, "--quiet"]) == 0
+
+
+@pytest.mark.slow
+def test_cli_vectorized_resume_after_a_crash(tiny_cifar, tmp_path, monkeypatch):
+    logdir = str(tmp_path / "runs")
+    args = ["--experiment", "weight-scale", "--vectorized", "--num-scales", "2", "--data-dir", tiny_cifar,
+            "--logdir", logdir, "--run-name", "v", "--epochs", "2", "--num-train", "100", "--hidden-dims", "8", *TINY]
+    original_save = VectorizedTrainer._save
+
+    def save_then_crash(self):
+        original_save(self)
+        raise Interrupt
+
+    monkeypatch.setattr(VectorizedTrainer, "_save", save_then_crash)
+    with pytest.raises(Interrupt):
+        train.main(args)
+    monkeypatch.setattr(VectorizedTrainer, "_save", original_save)
+    assert train.main(["--resume", os.path.join(logdir, "v"), "--quiet"]) == 0
+    with open(os.path.join(logdir, "v", "scale01_torch_bn", "summary.json")) as f:
+        assert len(json.load(f)["history"]["val_acc"]) == 3
+
+
+def test_cli_vectorized_refusals_leave_nothing(tiny_cifar, tmp_path, capsys):
+    logdir = tmp_path / "runs"
+    base = ["--data-dir", tiny_cifar, "--logdir", str(logdir), *TINY]
+    assert train.main(["--vectorized", "--batchnorm", *base]) == 2
+    assert "--vectorized trains the runs of --experiment weight-scale" in capsys.readouterr().err
+    assert train.main(["--experiment", "weight-scale", "--vectorized", "--dropout", "0.5", *base]) == 2
+    assert "does not train with dropout" in capsys.readouterr().err
+    assert not logdir.exists()
+
+
+def test_configs_that_cannot_train_together(tiny_cifar, tmp_path):
+    data = tiny_data(tiny_cifar)
+    with pytest.raises(ValueError, match="must share lr"):
+        VectorizedTrainer([TrainConfig(lr=1e-3), TrainConfig(lr=1e-2)], data, ["a", "b"], str(tmp_path))
+    with pytest.raises(ValueError, match="runs norm torch_bn or none.*'torch'"):
+        VectorizedTrainer([TrainConfig(norm="torch")], data, ["a"], str(tmp_path))
+    with pytest.raises(ValueError, match="one run folder per config"):
+        VectorizedTrainer([TrainConfig()], data, ["a", "b"], str(tmp_path))
+    assert not os.path.exists("a") and not os.listdir(tmp_path)
