@@ -23,7 +23,6 @@ import os
 import time
 from dataclasses import asdict, fields
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import torch_bn
-from .dashboard import RunLogger, hparam_values
+from .dashboard import RunLogger, histogram_protos, hparam_values
 from .data import CIFAR10Data
 from .models import hidden_layers
 from .training import (FINAL_LOSS_WINDOW, LOG_EVERY, SUMMARY, TRAIN_ACC_SAMPLES, History, RunExistsError,
@@ -61,6 +60,17 @@ def check_configs(configs: list[TrainConfig]) -> None:
     if configs[0].dropout:
         raise ValueError("the vectorized trainer does not train with dropout (its random masks would differ from "
                          "the sequential runs'); use --dropout 0 or train sequentially")
+
+
+def build_stacked_optimizer(config: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    """The optimizer :func:`~cifar_bn.training.build_optimizer` gives ``config``, in its fused form
+    where torch has one (Adam, SGD): one pass over each stacked tensor instead of one per operation
+    (about 8x faster on the sweep's 40 stacked first layers at one thread). Elementwise as the
+    per-model optimizers, so the same update up to float32 rounding."""
+    optimizer = build_optimizer(config, params)
+    if "fused" not in optimizer.defaults:  # RMSprop
+        return optimizer
+    return type(optimizer)(params, **{**optimizer.defaults, "foreach": None, "fused": True})
 
 
 class _Group:
@@ -123,13 +133,12 @@ class _Group:
     def logits(self, params: dict, buffers: dict, h: Tensor) -> Tensor:
         return self.forward[()](params, buffers, h)[0]
 
-    def norm_tensors(self, k: int) -> list[SimpleNamespace | None]:
-        """Model k's batch-norm layers (None without) with the tensors RunLogger.epoch histograms."""
-        if not self.norm_names:
-            return [None] * len(self.layers)
+    def norm_tensors(self) -> dict[str, Tensor]:
+        """The batch-norm tensors RunLogger.epoch histograms, stacked (K, H), by their tag in a run's
+        dashboard (``layer<i>/bn_<name>``); none without batch norm."""
         pick = {**self.params, **self.buffers}
-        return [SimpleNamespace(**{t: pick[f"{name}.{t}"][k].detach() for t in BN_TENSORS})
-                for name in self.norm_names]
+        return {f"layer{i}/bn_{t}": pick[f"{name}.{t}"].detach()
+                for i, name in enumerate(self.norm_names, 1) for t in BN_TENSORS}
 
 
 class VectorizedTrainer:
@@ -193,7 +202,7 @@ class VectorizedTrainer:
             if idx:
                 self.groups.append(_Group([models[i] for i in idx], slice(idx[0], idx[-1] + 1)))
         params = list(self.first.values()) + [p for g in self.groups for p in g.params.values()]
-        self.optimizer = build_optimizer(self.config, params)
+        self.optimizer = build_stacked_optimizer(self.config, params)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.config.lr_decay)
         self.batch_order = torch.Generator().manual_seed(self.config.seed)
         sample = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 1))[:TRAIN_ACC_SAMPLES]
@@ -357,14 +366,16 @@ class VectorizedTrainer:
         self._keep_best(improved)
         start = time.perf_counter()
         for g, probed in zip(self.groups, self.probed):
-            cpu = {key: t.float().cpu() for key, t in probed.items()}
-            for k in range(g.index.start, g.index.stop):
-                local = k - g.index.start
+            # The histograms RunLogger.epoch writes, built for all the group's models at once: the
+            # outputs of the last iteration whose statistics were logged, and the batch-norm tensors.
+            stacked = {f"layer{i}/{kind}": t for (i, kind), t in sorted(probed.items())}
+            stacked.update(g.norm_tensors())
+            tags, protos = list(stacked), [histogram_protos(t) for t in stacked.values()]
+            for local, k in enumerate(range(g.index.start, g.index.stop)):
                 losses = self.histories[k].loss[-self.iters_per_epoch:] if self.epoch > 0 else []
-                probe = SimpleNamespace(outputs={key: t[local] for key, t in cpu.items()},
-                                        layers=[SimpleNamespace(norm=n) for n in g.norm_tensors(local)])
-                self.loggers[k].epoch(self.step, lr, sum(losses) / len(losses) if losses else None,
-                                      self.best_val_acc[k], probe)
+                self.loggers[k].epoch_scalars(self.step, lr, sum(losses) / len(losses) if losses else None,
+                                              self.best_val_acc[k])
+                self.loggers[k].histograms({tag: p[local] for tag, p in zip(tags, protos)}, self.step)
         self.logging_time += time.perf_counter() - start
 
     def _keep_best(self, improved: list[int]) -> None:
