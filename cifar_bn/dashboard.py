@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
@@ -40,6 +41,41 @@ def hparam_values(config: dict[str, Any], num_train: int, device: str) -> dict[s
         values["weight_scale"] = "default"
     return {k: (v if isinstance(v, (bool, int, float, str)) else ",".join(map(str, v))
                 if isinstance(v, (list, tuple)) else str(v)) for k, v in values.items()}
+
+
+@torch.no_grad()
+def histogram_protos(values: Tensor, bins: int = HISTOGRAM_BINS) -> list[HistogramProto]:
+    """One histogram per row of ``values`` (R, n), as ``SummaryWriter.add_histogram(tag, row, bins=bins)``
+    builds it (np.histogram's ``bins`` equal bins from the row's min to its max, the same float64
+    arithmetic, trimmed to the bins that hold values), for all rows in a few tensor operations.
+    ValueError for an empty or non-finite row, as add_histogram."""
+    x = values.detach().reshape(len(values), -1).cpu().double()
+    if x.shape[1] == 0:
+        raise ValueError("The input has no element.")
+    lo, hi = x.min(1).values, x.max(1).values
+    if not (lo.isfinite().all() and hi.isfinite().all()):
+        raise ValueError(f"autodetected range of [{lo.min().item()}, {hi.max().item()}] is not finite")
+    first = torch.where(lo == hi, lo - 0.5, lo)[:, None]  # np.histogram widens a zero range by 0.5 each side
+    last = torch.where(lo == hi, hi + 0.5, hi)[:, None]
+    # np.linspace(first, last, bins + 1): arange * step + first, the last edge exactly last.
+    edges = torch.arange(bins + 1, dtype=torch.float64) * ((last - first) / bins) + first
+    edges[:, -1] = last[:, 0]
+    # np.histogram's bin of each value: from the scaled offset, then corrected against the edges.
+    index = ((x - first) / (last - first) * bins).long().clamp_(0, bins - 1)
+    index -= (x < edges.gather(1, index)).long()
+    index += ((x >= edges.gather(1, index + 1)) & (index != bins - 1)).long()
+    rows = torch.arange(len(x))[:, None] * bins
+    counts = torch.bincount((index + rows).flatten(), minlength=len(x) * bins).view(len(x), bins)
+    stats = torch.stack([lo, hi, x.sum(1), (x * x).sum(1)], 1).tolist()
+    protos = []
+    for (mn, mx, total, squares), count, limit in zip(stats, counts.tolist(), edges.tolist()):
+        used = [i for i, c in enumerate(count) if c]
+        start, end = used[0], used[-1] + 1
+        # As make_histogram: only right bin limits are stored, so an empty bin goes first.
+        kept = count[start - 1:end] if start > 0 else [0] + count[:end]
+        protos.append(HistogramProto(min=mn, max=mx, num=x.shape[1], sum=total, sum_squares=squares,
+                                     bucket_limit=limit[start:end + 1], bucket=kept))
+    return protos
 
 
 class LayerProbe:
@@ -116,10 +152,7 @@ class RunLogger:
 
     def epoch(self, step: int, lr: float, epoch_loss: float | None, best_val_acc: float, probe: LayerProbe) -> None:
         """Per-epoch scalars and the histograms of each layer's outputs and batch-norm tensors."""
-        self.writer.add_scalar("lr", lr, step)
-        self.writer.add_scalar("accuracy/best_val", best_val_acc, step)
-        if epoch_loss is not None:
-            self.writer.add_scalar("loss/train_epoch", epoch_loss, step)
+        self.epoch_scalars(step, lr, epoch_loss, best_val_acc)
         for (i, name), out in sorted(probe.outputs.items()):
             self.writer.add_histogram(f"layer{i}/{name}", out.float().cpu(), step, bins=HISTOGRAM_BINS)
         for i, layer in enumerate(probe.layers, 1):
@@ -128,6 +161,19 @@ class RunLogger:
                 if t is not None:
                     self.writer.add_histogram(f"layer{i}/bn_{name}", t.detach().float().cpu(), step,
                                               bins=HISTOGRAM_BINS)
+
+    def epoch_scalars(self, step: int, lr: float, epoch_loss: float | None, best_val_acc: float) -> None:
+        """The per-epoch scalars of :meth:`epoch`: lr, best val accuracy so far, the epoch's mean loss."""
+        self.writer.add_scalar("lr", lr, step)
+        self.writer.add_scalar("accuracy/best_val", best_val_acc, step)
+        if epoch_loss is not None:
+            self.writer.add_scalar("loss/train_epoch", epoch_loss, step)
+
+    def histograms(self, protos: dict[str, HistogramProto], step: int) -> None:
+        """Histograms built by :func:`histogram_protos`, tag -> histogram, in one event."""
+        if protos:
+            summary = Summary(value=[Summary.Value(tag=tag, histo=h) for tag, h in protos.items()])
+            self.writer.file_writer.add_summary(summary, step)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         self.writer.add_text(tag, markdown, step)

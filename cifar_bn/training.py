@@ -239,7 +239,7 @@ class Trainer:
         self.train_sample = sample.to(self.device)
         self.iters_per_epoch = n // config.batch_size
         checks = checks_per_epoch(self.iters_per_epoch * config.batch_size, len(sample) + len(data.X_val))
-        self.check_every = self.iters_per_epoch // checks
+        self.check_every = max(self.iters_per_epoch // checks, 1)  # more checks than iterations: every one
         self.history = History()
         self.epoch = 0
         self.best_val_acc = -1.0

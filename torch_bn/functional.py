@@ -186,16 +186,21 @@ def batch_norm_stateless(
     """
     if backward not in ops.BACKWARDS:
         raise ValueError(f"backward must be one of {ops.BACKWARDS}, got {backward!r}")
-    check_input(input, training, ("running_mean", running_mean), ("running_var", running_var),
-                ("weight", weight), ("bias", bias))
-    if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm_stateless in evaluation mode (training=False) needs running_mean and "
-                             "running_var; pass them, or use training=True for batch statistics")
+    if input.dim() < 2 and input.numel() == 0:  # empty 1-D input: empty output, as batch_norm
+        return input.clone(), running_mean, running_var
+    # Running statistics that require grad are accepted here (the new ones come back detached,
+    # as buffers), so check_input sees them detached.
+    check_input(input, training, eps, _detached(running_mean), _detached(running_var), weight, bias)
+    if not training:  # check_input refused evaluation without running statistics
         y = ops.normalize(input, running_mean.to(ops.compute_dtype(input)),
                           torch.rsqrt(running_var.to(ops.compute_dtype(input)) + eps), weight, bias)
         return y, running_mean, running_var
 
+    if input.numel() == 0:
+        # Empty batch: empty output and zero gradients for weight and bias, as batch_norm; the
+        # running statistics come back unchanged.
+        ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
+        return ops.normalize(input, ones * 0, ones, weight, bias), running_mean, running_var
     function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
     y, mean, var = function.apply(input, weight, bias, eps, backward)
     m = input.numel() // input.shape[1]
@@ -207,6 +212,10 @@ def batch_norm_stateless(
         new_var = running_var.detach().lerp((var.detach() * (m / (m - 1))).to(running_var.dtype),
                                             _weight_like(momentum, running_var))
     return y, new_mean, new_var
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _weight_like(momentum: float | Tensor, t: Tensor) -> float | Tensor:

@@ -141,3 +141,29 @@ def test_every_figure_gives_each_normalization_its_colour():
                 if label.startswith(LABELS[norm]):
                     assert matplotlib.colors.to_hex(c) == color
         matplotlib.pyplot.close(fig)
+
+
+@pytest.mark.parametrize("values", [torch.randn(6, 2500), torch.ones(3, 50), torch.randn(5, 50).relu(),
+                                    torch.randn(4, 7) * 1e-20, torch.randint(0, 5, (6, 100)).float(),
+                                    torch.randn(2, 1)], ids=["normal", "constant", "relu", "tiny", "integers", "one"])
+def test_histogram_protos_equal_add_histogram(values):
+    # The batched histograms the vectorized sweep writes are those SummaryWriter.add_histogram writes per row.
+    from torch.utils.tensorboard.summary import make_histogram
+
+    from cifar_bn.dashboard import HISTOGRAM_BINS, histogram_protos
+
+    for row, ours in zip(values, histogram_protos(values)):
+        ref = make_histogram(row.double().numpy(), HISTOGRAM_BINS)
+        assert list(ours.bucket) == list(ref.bucket) and list(ours.bucket_limit) == list(ref.bucket_limit)
+        assert (ours.min, ours.max, ours.num) == (ref.min, ref.max, ref.num)
+        assert ours.sum == pytest.approx(ref.sum, rel=1e-12, abs=1e-300)
+        assert ours.sum_squares == pytest.approx(ref.sum_squares, rel=1e-12, abs=1e-300)
+
+
+def test_histogram_protos_refuse_what_add_histogram_refuses():
+    from cifar_bn.dashboard import histogram_protos
+
+    with pytest.raises(ValueError, match="no element"):
+        histogram_protos(torch.ones(2, 0))
+    with pytest.raises(ValueError, match="not finite"):
+        histogram_protos(torch.tensor([[1.0, float("inf")]]))

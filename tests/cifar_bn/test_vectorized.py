@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hp_metadata
 
+import cifar_bn.training
 import train
 from cifar_bn.data import load_cifar10
 from cifar_bn.training import RunExistsError, TrainConfig, run
@@ -16,6 +18,7 @@ TINY = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
 # float32 rounding differs between one matrix product for all models and one per model.
 LOSS_TOL = dict(rel=1e-5, abs=1e-5)
 WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)
+ACT_TOL = dict(rel=1e-4)  # activation stds, per layer (the smallest here are ~1e-9: relative)
 
 
 def tiny_data(root):
@@ -51,6 +54,16 @@ def test_vectorized_equals_sequential(tiny_cifar, tmp_path):
             # at most one image classified differently (float32 rounding at a near-tie of two logits)
             assert all(abs(x - y) <= 1 / n + 1e-12 for x, y in zip(a["history"][key], b["history"][key])), (key, i)
         assert abs(b["test_acc"] - a["test_acc"]) <= 1 / len(data.y_test) + 1e-12
+        assert set(b) == set(a) | {"vectorized_models"} and b["epochs_done"] == a["epochs_done"] == c.epochs
+        assert b["history"].keys() == a["history"].keys()
+        assert b["history"]["check_step"] == a["history"]["check_step"]
+        for key, n in (("check_train_acc", n_train), ("check_val_acc", len(data.y_val))):
+            assert all(abs(x - y) <= 1 / n + 1e-12 for x, y in zip(a["history"][key], b["history"][key])), (key, i)
+        # What experiments.weight_scale's activation_std figure draws: at init and after training.
+        assert b["history"]["activation_std_init"] == b["activation_std"]["init"]
+        for when in ("init", "final"):
+            assert len(b["activation_std"][when]) == len(c.hidden_dims)
+            assert b["activation_std"][when] == pytest.approx(a["activation_std"][when], **ACT_TOL), (when, i)
         ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["model"]
         assert final[i].keys() == ref.keys()
         MLP(3072, c.hidden_dims, 10, c.norm).load_state_dict(final[i])  # loads into the model it came from
@@ -82,6 +95,76 @@ def test_vectorized_sgd_biases_equal_too(tiny_cifar, tmp_path):
         for name, v in ref.items():
             torch.testing.assert_close(final[i][name], v, **WEIGHT_TOL, msg=lambda m: f"run {i} {name}: {m}")
     assert seq[0]["history"]["loss"] != pytest.approx(seq[1]["history"]["loss"], rel=1e-3)  # BN changes the net
+
+
+def scalar_values(acc, tag):
+    return [e.step for e in acc.Scalars(tag)], [e.value for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_vectorized_dashboards_equal_sequential(tiny_cifar, tmp_path, monkeypatch):
+    # SGD, so that every tensor of the two trainings agrees to float32 rounding (with Adam the Linear biases
+    # before a BN, which have zero true gradient, move by +-lr on rounding noise: pre_norm_mean would follow).
+    # Statistics every 2 iterations; a budget for 10 accuracy checks per epoch of 5 iterations: a check
+    # after every iteration.
+    monkeypatch.setattr(cifar_bn.training, "EVAL_COST_SHARE", 10.0)
+    data = tiny_data(tiny_cifar)
+    # Scales 1e-3 and 3e-2: at 0.3 the run without BN explodes (pre-activation std ~1e3), which amplifies
+    # float32 rounding past 1e-4 (test_vectorized_equals_sequential covers that scale).
+    configs = sweep(optimizer="sgd", lr=1e-2, epochs=3, batch_size=25, reg=0.05)[:4]
+    seq_dirs = [str(tmp_path / "seq" / str(i)) for i in range(len(configs))]
+    vec_dirs = [str(tmp_path / "vec" / str(i)) for i in range(len(configs))]
+    seq = [run(c, data, d, progress=False, log_every=2) for c, d in zip(configs, seq_dirs)]
+    vec = run_many(configs, data, vec_dirs, str(tmp_path / "vec"), progress=False, log_every=2)
+    iterations = len(seq[0]["history"]["loss"])
+    assert seq[0]["history"]["check_step"] == list(range(iterations + 1))  # the checks the test asks for
+    for i, (c, a_dir, b_dir) in enumerate(zip(configs, seq_dirs, vec_dirs)):
+        a, b = events(a_dir), events(b_dir)
+        tags = a.Tags()["scalars"]
+        assert sorted(tags) == sorted(b.Tags()["scalars"])
+        layer_tags = [t for t in tags if t.startswith("layer")]
+        hidden = len(c.hidden_dims)
+        assert len(layer_tags) == (4 if c.norm == "torch_bn" else 2) * hidden + hidden + 1, layer_tags
+        assert {"loss/train", "loss/train_epoch", "accuracy/train", "accuracy/val", "accuracy/best_val", "lr"} <= set(tags)
+        for tag in tags:
+            steps, x = scalar_values(a, tag)
+            steps_b, y = scalar_values(b, tag)
+            assert steps == steps_b, tag
+            if tag.startswith("accuracy/"):
+                continue  # compared in the histories, to one image
+            if tag.endswith("_mean"):
+                # Means near zero (a BN output's is its beta): compared on the scale of the layer's std.
+                scale = [abs(v) for v in scalar_values(a, tag[:-len("mean")] + "std")[1]]
+                assert all(abs(p - q) <= 1e-4 * abs(p) + 1e-5 * s for p, q, s in zip(x, y, scale)), (i, tag)
+            else:
+                assert y == pytest.approx(x, rel=1e-4, abs=1e-12), (i, tag)
+        assert scalar_values(b, "layer1/pre_norm_std")[0] == list(range(2, iterations + 1, 2))  # every 2
+        # Per-epoch histograms: the same tags and steps, the same number of values, the same range and sum.
+        assert sorted(a.Tags()["histograms"]) == sorted(b.Tags()["histograms"])
+        assert any(t.endswith("/pre_norm") for t in a.Tags()["histograms"])
+        assert any(t.endswith("/bn_running_var") for t in a.Tags()["histograms"]) == (c.norm == "torch_bn")
+        for tag in a.Tags()["histograms"]:
+            ha, hb = a.Histograms(tag), b.Histograms(tag)
+            assert [e.step for e in ha] == [e.step for e in hb], tag
+            for ea, eb in zip(ha, hb):
+                pa, pb = ea.histogram_value, eb.histogram_value
+                width = max(abs(pa.min), abs(pa.max), 1e-30)
+                assert pb.num == pa.num and len(pb.bucket) == len(pa.bucket), tag
+                for field in ("min", "max"):
+                    assert abs(getattr(pb, field) - getattr(pa, field)) <= 1e-4 * width, (i, tag, field)
+                assert abs(pb.sum - pa.sum) <= 1e-4 * width * pa.num, (i, tag)
+        # The hparams declaration and session, and the text cards.
+        ca, cb = a.PluginTagToContent("hparams"), b.PluginTagToContent("hparams")
+        assert ca.keys() == cb.keys()
+        assert hp_metadata.parse_experiment_plugin_data(cb["_hparams_/experiment"]) == \
+            hp_metadata.parse_experiment_plugin_data(ca["_hparams_/experiment"])
+        sa = hp_metadata.parse_session_start_info_plugin_data(ca["_hparams_/session_start_info"])
+        sb = hp_metadata.parse_session_start_info_plugin_data(cb["_hparams_/session_start_info"])
+        assert sb.hparams == sa.hparams and sb.group_name == sa.group_name
+        assert sorted(a.Tags()["tensors"]) == sorted(b.Tags()["tensors"])
+        assert b.Tensors("about/text_summary")[0].tensor_proto == a.Tensors("about/text_summary")[0].tensor_proto
+        assert [e.step for e in b.Tensors("results/text_summary")] == [e.step for e in a.Tensors("results/text_summary")]
+        assert vec[i]["logging_time_s"] > 0
 
 
 class Interrupt(Exception):
@@ -123,8 +206,11 @@ def test_cli_vectorized_sweep_writes_what_the_sequential_one_writes(tiny_cifar, 
     assert train.main([*common, "--run-name", "seq"]) == 0
     assert train.main([*common, "--run-name", "vec", "--vectorized"]) == 0
     seq_root, vec_root = os.path.join(logdir, "seq"), os.path.join(logdir, "vec")
-    assert os.path.getsize(os.path.join(vec_root, "weight_scale.png")) > 10_000
-    assert "weight_scale" in events(vec_root).Tags()["images"]
+    for png in ("weight_scale.png", "activation_std.png"):
+        assert os.path.getsize(os.path.join(vec_root, png)) > 10_000
+    root_tags = events(vec_root).Tags()
+    assert sorted(root_tags["images"]) == sorted(events(seq_root).Tags()["images"])
+    assert {"weight_scale/best_val_acc", "activation_std/tiny"} <= set(root_tags["images"])
     runs = sorted(d for d in os.listdir(seq_root) if os.path.isdir(os.path.join(seq_root, d)))
     assert runs == sorted(d for d in os.listdir(vec_root) if os.path.isdir(os.path.join(vec_root, d)))
     for d in runs:
@@ -179,8 +265,10 @@ def test_configs_that_cannot_train_together(tiny_cifar, tmp_path):
     data = tiny_data(tiny_cifar)
     with pytest.raises(ValueError, match="must share lr"):
         VectorizedTrainer([TrainConfig(lr=1e-3), TrainConfig(lr=1e-2)], data, ["a", "b"], str(tmp_path))
-    with pytest.raises(ValueError, match="runs norm torch_bn or none.*'torch'"):
+    with pytest.raises(ValueError, match="runs norm torch_bn or none.*'nn'"):
         VectorizedTrainer([TrainConfig(norm="torch")], data, ["a"], str(tmp_path))
+    with pytest.raises(ValueError, match="fewer than one batch of 500"):
+        VectorizedTrainer([TrainConfig(batch_size=500)], data, ["a"], str(tmp_path))
     with pytest.raises(ValueError, match="one run folder per config"):
         VectorizedTrainer([TrainConfig()], data, ["a", "b"], str(tmp_path))
     assert not os.path.exists("a") and not os.listdir(tmp_path)
