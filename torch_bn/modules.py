@@ -81,6 +81,25 @@ def _check_backward(backward: str) -> str:
     return backward
 
 
+def batch_norm_arguments(module: nn.modules.batchnorm._NormBase
+                         ) -> tuple[Tensor | None, Tensor | None, bool, float]:
+    """What a batch-norm module's forward passes to the functional call: running_mean and
+    running_var (None where they are not used or updated), whether to normalize with batch
+    statistics, and the averaging factor. In training it counts the batch in num_batches_tracked.
+    Shared by the modules here and :class:`torch_bn.SyncBatchNorm`."""
+    # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            factor = 1.0 / float(module.num_batches_tracked)
+    # Batch statistics in training, and in eval too when no running statistics are kept.
+    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+    track = not module.training or module.track_running_stats
+    return (module.running_mean if track else None, module.running_var if track else None,
+            use_batch_stats, factor)
+
+
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     """What torch_bn's batch-norm classes add to ``nn.modules.batchnorm._BatchNorm``: ``backward=``
     and a forward that calls :func:`torch_bn.functional.batch_norm`."""
@@ -117,26 +136,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if _func.recording():  # inside torch_bn.func.functional_call: new buffers returned, none written
             return _func.stateless_forward(self, input)
-        # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        # Batch statistics in training, and in eval too when no running statistics are kept.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-            backward=self.backward,
-        )
+        running_mean, running_var, use_batch_stats, factor = batch_norm_arguments(self)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+                          self.eps, backward=self.backward)
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .functional import batch_norm, check_input
-from .modules import BatchNorm1d, BatchNorm2d
+from .modules import BatchNorm1d, BatchNorm2d, batch_norm_arguments
 
 __all__ = ["DistributedDataParallel", "SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm",
            "sync_batch_norm"]
@@ -175,17 +175,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        # Batch statistics in training, and in eval too when no running statistics are kept.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
+        running_mean, running_var, use_batch_stats, factor = batch_norm_arguments(self)
         group = self._sync_group() if self.training else None  # eval never synchronizes
         if group is None:
             return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
