@@ -188,7 +188,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The README's table: times in ms, ratios torch_bn / native (lower is better)."""
+    """The results table (bench/RESULTS.md): times in ms, ratios torch_bn / native (lower is better)."""
     lines = ["| shape | dtype | MiB | fwd native | fwd torch_bn | ratio | f+b native | f+b torch_bn | ratio | "
              "% of bound (ours / native) | backward closed-form | backward staged | staged / closed-form |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -186,7 +186,7 @@ def test_runs_are_never_overwritten(tiny_cifar, tmp_path):
 def test_compare_cli_dashboards_and_summaries(tiny_cifar, tmp_path):
     logdir = str(tmp_path / "runs")
     # SGD: Adam would turn the rounding noise in the zero-gradient Linear biases before BN into
-    # +-lr steps, so its curves drift apart (README, "Reproducing the notebook").
+    # +-lr steps, so its curves drift apart (docs/notebook.md).
     args = ["--compare", "--data-dir", tiny_cifar, "--logdir", logdir, "--run-name", "cmp", "--epochs", "2",
             "--batch-size", "10", "--hidden-dims", "16,16", "--weight-scale", "0.02", "--optimizer", "sgd",
             "--lr", "0.01", *TINY]
