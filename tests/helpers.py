@@ -67,3 +67,16 @@ def write_tiny_cifar10(root: str, per_batch: int = 30, num_test: int = 40, seed:
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
     return root
+
+
+def float64_inputs(shape, affine: bool, seed: int = 0):
+    """x (shape, away from zero), weight and bias (or None) requiring grad, and running mean and
+    variance, all float64 from one seeded generator: the inputs of the gradient checks."""
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(shape, generator=g, dtype=torch.float64) + 2).requires_grad_()
+    c = shape[1]
+    w = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if affine else None
+    rm = torch.randn(c, generator=g, dtype=torch.float64)
+    rv = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    return x, w, b, rm, rv

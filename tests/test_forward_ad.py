@@ -8,25 +8,16 @@ from torch.autograd import gradcheck
 import torch_bn
 from torch_bn.functional import batch_norm
 
+from helpers import float64_inputs
+
 SHAPES = [(6, 3), (4, 3, 5), (3, 2, 3, 4), (3, 2, 2, 3, 2)]  # 2D to 5D
-
-
-def _inputs(shape, affine, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (3 * torch.randn(shape, generator=g, dtype=torch.float64) + 2).requires_grad_()
-    c = shape[1]
-    w = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if affine else None
-    b = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if affine else None
-    rm = torch.randn(c, generator=g, dtype=torch.float64)
-    rv = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
-    return x, w, b, rm, rv
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradcheck_forward_ad(shape, training, affine):
-    x, w, b, rm, rv = _inputs(shape, affine)
+    x, w, b, rm, rv = float64_inputs(shape, affine)
 
     def f(x, w, b):
         return batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
@@ -39,7 +30,7 @@ def test_gradcheck_forward_ad(shape, training, affine):
 def test_function_jvp_matches_torch_native(shape):
     """The tangent of y (and the primal) equal PyTorch's own forward AD of F.batch_norm, for
     tangents on x alone, on the parameters alone and on all three."""
-    x, w, b, _, _ = _inputs(shape, True, seed=1)
+    x, w, b, _, _ = float64_inputs(shape, True, seed=1)
     g = torch.Generator().manual_seed(2)
     tangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b)]
     for mask in [(1, 0, 0), (0, 1, 1), (1, 1, 1), (0, 0, 1)]:
@@ -55,7 +46,7 @@ def test_function_jvp_matches_torch_native(shape):
 
 
 def test_torch_func_jacfwd_and_hessian_in_training():
-    x, w, b, _, _ = _inputs((5, 3), True, seed=3)
+    x, w, b, _, _ = float64_inputs((5, 3), True, seed=3)
     x, w, b = x.detach(), w.detach(), b.detach()
 
     def ours(x):
@@ -72,7 +63,7 @@ def test_torch_func_jacfwd_and_hessian_in_training():
 
 
 def test_running_stats_get_no_tangent():
-    x, w, b, rm, rv = _inputs((6, 3), True, seed=4)
+    x, w, b, rm, rv = float64_inputs((6, 3), True, seed=4)
     with fwAD.dual_level():
         xd = fwAD.make_dual(x.detach(), torch.randn_like(x))
         batch_norm(xd, rm, rv, w.detach(), b.detach(), True)

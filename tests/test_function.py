@@ -8,7 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import torch_bn
 from torch_bn.functional import batch_norm
 
-from helpers import float64_reference
+from helpers import float64_inputs, float64_reference
 
 SHAPES = [(6, 3), (4, 3, 5), (3, 2, 3, 4)]
 
@@ -23,13 +23,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("backward", ["closed_form", "staged"])
 def test_gradcheck_and_gradgradcheck(shape, training, affine, backward):
-    g = torch.Generator().manual_seed(0)
-    x = (3 * torch.randn(shape, generator=g, dtype=torch.float64) + 2).requires_grad_()
-    c = shape[1]
-    w = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if affine else None
-    b = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if affine else None
-    rm = torch.randn(c, generator=g, dtype=torch.float64)
-    rv = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    x, w, b, rm, rv = float64_inputs(shape, affine)
 
     def f(x, w, b):
         # Copies so the in-place running-statistics update does not change later calls.
