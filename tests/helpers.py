@@ -4,6 +4,7 @@ import os
 import pickle
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -80,3 +81,22 @@ def float64_inputs(shape, affine: bool, seed: int = 0):
     rm = torch.randn(c, generator=g, dtype=torch.float64)
     rv = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
     return x, w, b, rm, rv
+
+
+class Interrupt(Exception):
+    """Raised by :func:`crash_after_first_save` to simulate a killed training run."""
+
+
+def crash_after_first_save(monkeypatch, trainer_cls, launch) -> None:
+    """Run launch() with trainer_cls._save raising Interrupt right after it writes the first
+    checkpoint (as a run killed there), then restore _save."""
+    original_save = trainer_cls._save
+
+    def save_then_crash(self):
+        original_save(self)
+        raise Interrupt
+
+    monkeypatch.setattr(trainer_cls, "_save", save_then_crash)
+    with pytest.raises(Interrupt):
+        launch()
+    monkeypatch.setattr(trainer_cls, "_save", original_save)

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.func import functional_call
 
 import train
+from helpers import Interrupt, crash_after_first_save
 import cifar_bn.data
 import torch_bn
 from cifar_bn.data import DataError, load_cifar10
@@ -150,9 +151,6 @@ def test_same_seed_same_numbers(tiny_cifar, tmp_path):
     assert a["history"] == b["history"] and a["test_acc"] == b["test_acc"]
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_resume_equals_uninterrupted(tiny_cifar, tmp_path):
     data = tiny_data(tiny_cifar)
@@ -251,16 +249,7 @@ def test_resume_cli_finishes_an_interrupted_run(tiny_cifar, tmp_path, monkeypatc
     logdir = str(tmp_path / "runs")
     args = ["--batchnorm", "--data-dir", tiny_cifar, "--logdir", logdir, "--run-name", "r", "--epochs", "2",
             "--hidden-dims", "8", *TINY]
-    original_save = Trainer._save
-
-    def save_then_crash(self):
-        original_save(self)
-        raise Interrupt
-
-    monkeypatch.setattr(Trainer, "_save", save_then_crash)
-    with pytest.raises(Interrupt):
-        train.main(args)
-    monkeypatch.setattr(Trainer, "_save", original_save)
+    crash_after_first_save(monkeypatch, Trainer, lambda: train.main(args))
     assert train.main(["--resume", os.path.join(logdir, "r"), "--quiet"]) == 0
     with open(os.path.join(logdir, "r", "summary.json")) as f:
         assert len(json.load(f)["history"]["val_acc"]) == 3

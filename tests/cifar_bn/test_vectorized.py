@@ -9,6 +9,7 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 
 import cifar_bn.training
 import train
+from helpers import Interrupt, crash_after_first_save
 from cifar_bn.data import load_cifar10
 from cifar_bn.training import RunExistsError, TrainConfig, run
 from cifar_bn.models import MLP
@@ -167,9 +168,6 @@ def test_vectorized_dashboards_equal_sequential(tiny_cifar, tmp_path, monkeypatc
         assert vec[i]["logging_time_s"] > 0
 
 
-class Interrupt(Exception):
-    pass
-
 
 @pytest.mark.slow
 def test_vectorized_resume_equals_uninterrupted(tiny_cifar, tmp_path):
@@ -236,16 +234,7 @@ def test_cli_vectorized_resume_after_a_crash(tiny_cifar, tmp_path, monkeypatch):
     logdir = str(tmp_path / "runs")
     args = ["--experiment", "weight-scale", "--vectorized", "--num-scales", "2", "--data-dir", tiny_cifar,
             "--logdir", logdir, "--run-name", "v", "--epochs", "2", "--num-train", "100", "--hidden-dims", "8", *TINY]
-    original_save = VectorizedTrainer._save
-
-    def save_then_crash(self):
-        original_save(self)
-        raise Interrupt
-
-    monkeypatch.setattr(VectorizedTrainer, "_save", save_then_crash)
-    with pytest.raises(Interrupt):
-        train.main(args)
-    monkeypatch.setattr(VectorizedTrainer, "_save", original_save)
+    crash_after_first_save(monkeypatch, VectorizedTrainer, lambda: train.main(args))
     assert train.main(["--resume", os.path.join(logdir, "v"), "--quiet"]) == 0
     with open(os.path.join(logdir, "v", "scale01_torch_bn", "summary.json")) as f:
         assert len(json.load(f)["history"]["val_acc"]) == 3
