@@ -14,6 +14,8 @@ the epoch), so a resumed run can drop events past its checkpoint with ``purge_st
 """
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import torch
@@ -123,10 +125,27 @@ class LayerProbe:
             h.remove()
 
 
+def _wait_past_existing_events(run_dir: str) -> None:
+    """Wait until the clock has left the second in which run_dir's newest event file was opened.
+
+    TensorBoard reads a run's event files in name order, and a name is
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: a file opened in the same second as
+    an earlier one can sort before it (counter 13 before 9), and a resumed run's purge would then
+    drop the earlier file's events. Waits only when a run is reopened within a second.
+    """
+    if not os.path.isdir(run_dir):
+        return
+    stamps = [int(f.split(".")[3]) for f in os.listdir(run_dir)
+              if f.startswith("events.out.tfevents.") and f.split(".")[3].isdigit()]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
+
+
 class RunLogger:
     """One run's dashboard: scalars, histograms, hparams, text and figures in ``run_dir``."""
 
     def __init__(self, run_dir: str, purge_step: int | None = None) -> None:
+        _wait_past_existing_events(run_dir)
         self.writer = SummaryWriter(run_dir, purge_step=purge_step)
 
     def start(self, hparams: dict[str, Any], trial_id: str, card: str) -> None:
@@ -180,6 +199,10 @@ class RunLogger:
 
     def figure(self, tag: str, fig, step: int = 0) -> None:
         self.writer.add_figure(tag, fig, step, close=False)
+
+    def flush(self) -> None:
+        """Write what was logged so far to disk (an interrupted run keeps its events)."""
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -374,6 +374,7 @@ class Trainer:
                     on_epoch_end(self)
         finally:
             bar.close()
+            self.logger.flush()  # interrupted or not, the events logged so far are on disk
         self.wall_time += time.perf_counter() - start
         return self._finish()
 

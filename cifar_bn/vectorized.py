@@ -494,6 +494,8 @@ class VectorizedTrainer:
                     on_epoch_end(self)
         finally:
             bar.close()
+            for logger in self.loggers:  # interrupted or not, the events logged so far are on disk
+                logger.flush()
         self.wall_time += time.perf_counter() - start
         summaries = self._finish()
         return [summaries[self.order.index(i)] for i in range(len(self.configs))]
