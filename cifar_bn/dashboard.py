@@ -27,8 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 from .models import hidden_layers, weighted_layers
 
 # The hparams as the HParams tab lists them: what the experiments vary first, then the rest.
-HPARAMS = ("norm", "weight_scale", "num_train", "lr", "optimizer", "seed", "epochs", "batch_size", "hidden_dims",
-           "dropout", "reg", "lr_decay", "device")
+HPARAMS = ("norm", "weight_scale", "num_train", "lr", "optimizer", "seed", "epochs", "batch_size",
+           "virtual_batch_size", "renorm_warmup", "hidden_dims", "dropout", "reg", "lr_decay", "device")
+# Options of one normalization only: 0 in the other runs' hparams (one type per hparam across runs).
+NORM_OPTIONS = ("virtual_batch_size", "renorm_warmup")
 HISTOGRAM_BINS = 64  # fixed bins: ~10x cheaper to write than SummaryWriter's default edges, as legible
 # The metrics the HParams tab shows: the last value of these scalar curves (no extra scalars).
 METRICS = (("accuracy/best_val", "best val acc"), ("accuracy/val", "final val acc"),
@@ -41,6 +43,9 @@ def hparam_values(config: dict[str, Any], num_train: int, device: str) -> dict[s
     values = {**config, "num_train": num_train, "device": device}
     if values.get("weight_scale") is None:
         values["weight_scale"] = "default"
+    for name in NORM_OPTIONS:
+        if name in values and values[name] is None:
+            values[name] = 0
     return {k: (v if isinstance(v, (bool, int, float, str)) else ",".join(map(str, v))
                 if isinstance(v, (list, tuple)) else str(v)) for k, v in values.items()}
 

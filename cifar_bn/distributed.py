@@ -179,6 +179,9 @@ def check_launch(mode: str, norm: str, sync_bn: bool, device: str) -> None:
                          "torchrun --nproc_per_node=K train.py ... (or leave out --sync-bn)")
     if sync_bn and norm == "none":
         raise ValueError("--sync-bn synchronizes batch norm, but the model has none; add --batchnorm")
+    if sync_bn and norm in ("renorm", "ghost", "layernorm"):
+        raise ValueError(f"--sync-bn synchronizes plain batch norm; --norm {norm} has no synchronized form here "
+                         f"(layer norm needs none; ghost batch norm's chunks are per process): drop --sync-bn")
     if sync_bn and norm == "nn" and device != "cuda":
         raise ValueError("--sync-bn with --norm nn uses nn.SyncBatchNorm, which runs only on GPUs; on CPU "
                          "use --batchnorm (torch_bn.SyncBatchNorm)")

@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from . import batch_size as batch_sizes
 from .dashboard import RunLogger
 from .data import CIFAR10Data
 from .figures import activation_std_draws, close, curve_draws, panels, row, weight_scale_draws
-from .models import NORMS
 from .training import LOG_EVERY, TrainConfig, run
 from .vectorized import run_many
 
@@ -23,10 +23,12 @@ PRESETS = {
                  num_train=1000),
     "weight-scale": dict(hidden_dims=(50,) * 7, epochs=10, batch_size=50, optimizer="adam", lr=1e-3,
                          num_train=1000),
+    "batch-size": batch_sizes.PRESET,  # section 2's network at batch sizes 5, 10 and 50 (cifar_bn.batch_size)
 }
+COMPARE_NORMS = ("torch_bn", "nn", "none")  # --compare's default
 CARDS = {
-    "compare": "**Compare**: the same MLP with torch_bn.BatchNorm1d, nn.BatchNorm1d and no normalization, from "
-               "identical initial Linear weights and batch order (one run each). torch_bn and nn.BatchNorm1d "
+    "compare": "**Compare**: the same MLP with torch_bn.BatchNorm1d, nn.BatchNorm1d and no normalization (or the "
+               "normalizations of --norms), from identical initial Linear weights and batch order (one run each). torch_bn and nn.BatchNorm1d "
                "compute the same function, so their curves agree closely (with Adam they drift apart slowly: "
                "rounding noise in the zero-gradient Linear biases before each BN becomes +-lr steps). "
                "Figures: `compare/loss`, `compare/train_accuracy`, `compare/val_accuracy`.",
@@ -40,17 +42,27 @@ CARDS = {
                     "loss against the scale. `activation_std/*`: each hidden layer's output std at init "
                     "(dashed) and after training (solid) at a tiny, the baseline's best and a large scale: flat "
                     "with BN, vanishing or exploding without.",
+    "batch-size": batch_sizes.CARD,
 }
 
 
+def with_norm(config: TrainConfig, norm: str, virtual_batch_size: int | None = None,
+              renorm_warmup: int | None = None) -> TrainConfig:
+    """config with ``norm`` and that norm's options only: the virtual batch size for "ghost", the
+    warm-up for "renorm" (the other norm's option dropped)."""
+    return replace(config, norm=norm, virtual_batch_size=virtual_batch_size if norm == "ghost" else None,
+                   renorm_warmup=renorm_warmup if norm == "renorm" else None)
+
+
 def compare(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True, resume: bool = False,
-            norms: tuple[str, ...] = NORMS, log_every: int = LOG_EVERY, name: str = "compare") -> dict[str, dict]:
-    """Train the same config once per norm, from identical initial Linear weights and batch order
-    (each run seeds the same generators), into root/<norm>; writes the loss and accuracy curves of
-    all of them (root/<name>.png, and one TensorBoard image per panel) and root's text card.
-    Returns norm -> summary."""
-    summaries = {norm: run(replace(config, norm=norm), data, os.path.join(root, norm), progress=progress,
-                           resume=resume, log_every=log_every) for norm in norms}
+            norms: tuple[str, ...] = COMPARE_NORMS, log_every: int = LOG_EVERY, name: str = "compare",
+            virtual_batch_size: int | None = None, renorm_warmup: int | None = None) -> dict[str, dict]:
+    """Train the same config once per norm (with its options: :func:`with_norm`), from identical
+    initial Linear weights and batch order (each run seeds the same generators), into root/<norm>;
+    writes the loss and accuracy curves of all of them (root/<name>.png, and one TensorBoard image
+    per panel) and root's text card. Returns norm -> summary."""
+    summaries = {norm: run(with_norm(config, norm, virtual_batch_size, renorm_warmup), data, os.path.join(root, norm),
+                           progress=progress, resume=resume, log_every=log_every) for norm in norms}
     publish(root, CARDS[name], {name: curve_draws({n: s["history"] for n, s in summaries.items()})})
     return summaries
 
@@ -91,6 +103,19 @@ def weight_scale(config: TrainConfig, data: CIFAR10Data, root: str, *, progress:
     std_runs = {name: (scales[i], {n: r[i] for n, r in results.items()}) for name, i in picks.items()}
     publish(root, CARDS["weight-scale"], {"weight_scale": weight_scale_draws(scales, results),
                                           "activation_std": activation_std_draws(std_runs)})
+    return results
+
+
+def batch_size(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True, resume: bool = False,
+               log_every: int = LOG_EVERY) -> batch_sizes.Results:
+    """The notebook's batch-size experiment (:mod:`cifar_bn.batch_size`): its 14 runs one after another
+    into root/bs<B>/<method>, then its figures (root/batch_size_{train,val,summary}.png, each panel also
+    a TensorBoard image) and its card. Returns method -> batch size -> summary."""
+    results: batch_sizes.Results = {}
+    for r in batch_sizes.plan(config):
+        results.setdefault(r.method, {})[r.batch_size] = run(r.config, data, os.path.join(root, r.name),
+                                                             progress=progress, resume=resume, log_every=log_every)
+    publish(root, CARDS["batch-size"], batch_sizes.figures([results]))
     return results
 
 

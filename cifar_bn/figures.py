@@ -17,8 +17,10 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-COLORS = {"torch_bn": "#1f77b4", "nn": "#2ca02c", "none": "#d62728"}
-LABELS = {"torch_bn": "batch norm (torch_bn)", "nn": "nn.BatchNorm1d", "none": "no normalization"}
+COLORS = {"torch_bn": "#1f77b4", "nn": "#2ca02c", "none": "#d62728", "renorm": "#ff7f0e", "ghost": "#9467bd",
+          "layernorm": "#8c564b"}
+LABELS = {"torch_bn": "batch norm (torch_bn)", "nn": "nn.BatchNorm1d", "none": "no normalization",
+          "renorm": "batch renorm (torch_bn)", "ghost": "ghost batch norm (torch_bn)", "layernorm": "nn.LayerNorm"}
 CARD = (6.4, 4.0)  # inches at 100 dpi: 640 x 400 px, the shape of a TensorBoard image card
 
 Panel = Callable[[Axes], None]
@@ -131,3 +133,63 @@ def activation_std_draws(runs: dict[str, tuple[float, dict[str, dict]]]) -> dict
 
     return {name: panel(f"{name.capitalize()} init scale {scale:.1e}", summaries)
             for name, (scale, summaries) in runs.items()}
+
+
+def _band(ax: Axes, x, runs: list[list[float]], color: str, label: str, style: str = "-o") -> None:
+    """The mean of several runs' curves (same x), with their min-max range shaded (none for one run)."""
+    values = np.asarray(runs, dtype=float)
+    ax.plot(x, values.mean(0), style, markersize=3, color=color, label=label)
+    if len(values) > 1:
+        ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.15, linewidth=0)
+
+
+def batch_size_curve_draws(results: dict[int, dict[str, tuple[str, str, list[dict]]]], key: str,
+                           title: str) -> dict[str, Panel]:
+    """The notebook's batch-size plots: the per-epoch accuracy ``key`` ("train_acc" or "val_acc"),
+    one panel per batch size, one colour per normalization (a second line style for a second run of
+    one normalization, such as two virtual batch sizes); several seeds give their mean and range.
+    results: batch size -> method -> (norm, label, the summaries of its seeds)."""
+
+    def panel(batch: int, methods: dict[str, tuple[str, str, list[dict]]]) -> Panel:
+        def draw(ax: Axes) -> None:
+            seen: dict[str, int] = {}
+            for norm, label, summaries in methods.values():
+                styles = ("-o", "--s", ":^")
+                style = styles[seen.get(norm, 0) % len(styles)]
+                seen[norm] = seen.get(norm, 0) + 1
+                runs = [s["history"][key] for s in summaries]
+                _band(ax, np.arange(len(runs[0])), runs, COLORS[norm], label, style)
+            ax.set(title=f"{title}, batch size {batch}", xlabel="Epoch", ylabel="accuracy")
+            ax.legend(loc="best", fontsize="small")
+        return draw
+
+    return {f"batch{batch:02d}": panel(batch, methods) for batch, methods in results.items()}
+
+
+def batch_size_summary_draws(lines: dict[str, tuple[str, str, dict[int, list[dict]]]]) -> dict[str, Panel]:
+    """Best validation accuracy and final training accuracy against the batch size, one line per
+    normalization: the mean over seeds, error bars from the smallest to the largest seed.
+    lines: name -> (norm, label, x value -> the summaries of its seeds); a line with a dashed
+    style when its name starts with "ghost" (x is then the virtual batch size)."""
+
+    def panel(key: str, ylabel: str) -> Panel:
+        def draw(ax: Axes) -> None:
+            for name, (norm, label, points) in lines.items():
+                xs = sorted(points)
+                values = [np.asarray([s[key] for s in points[x]], dtype=float) for x in xs]
+                mean = np.asarray([v.mean() for v in values])
+                err = np.asarray([[m - v.min() for m, v in zip(mean, values)],
+                                  [v.max() - m for m, v in zip(mean, values)]])
+                ax.errorbar(xs, mean, yerr=err, fmt="--s" if name.startswith("ghost") else "-o", markersize=4,
+                            capsize=3, color=COLORS[norm], label=label)
+            ax.set_xscale("log")
+            ticks = sorted({x for _, _, points in lines.values() for x in points})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+            ax.set(title=f"{ylabel} vs batch size", xlabel="batch size (ghost: virtual batch size, batches of 50)",
+                   ylabel=ylabel)
+            ax.legend(loc="best", fontsize="small")
+        return draw
+
+    return {"best_val_acc": panel("best_val_acc", "Best val accuracy"),
+            "final_train_acc": panel("final_train_acc", "Final training accuracy")}

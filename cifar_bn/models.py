@@ -7,10 +7,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+import torch_bn
 from torch_bn import BatchNorm1d, BatchNorm2d
 
-NORMS = ("torch_bn", "nn", "none")
+# After each hidden Linear: torch_bn.BatchNorm1d, nn.BatchNorm1d, nothing, torch_bn's batch
+# renormalization, torch_bn's ghost batch norm (statistics over chunks of virtual_batch_size
+# samples), or nn.LayerNorm (statistics over each sample's features: no batch dependence).
+NORMS = ("torch_bn", "nn", "none", "renorm", "ghost", "layernorm")
 NORM_ALIASES = {"torch": "nn"}  # "torch" reads like the whole library; accepted, stored as "nn"
+# Batch renormalization's clipping: the paper's final values (Ioffe 2017, rmax 3 and dmax 5, reached
+# there by a ramp from 1 and 0), which are torch_bn's defaults. The layer takes fixed limits after a
+# warm-up of plain batch norm (TrainConfig.renorm_warmup, in steps).
+RENORM_RMAX, RENORM_DMAX = 3.0, 5.0
 
 
 def canonical_norm(norm: str) -> str:
@@ -21,6 +29,26 @@ def canonical_norm(norm: str) -> str:
     return norm
 
 
+def norm_layer(norm: str, features: int, *, virtual_batch_size: int | None = None,
+               renorm_warmup: int = 0) -> nn.Module | None:
+    """The layer ``norm`` (a name in NORMS) puts after a hidden Linear of ``features`` outputs (None
+    for "none"); virtual_batch_size is ghost batch norm's chunk size, renorm_warmup the steps batch
+    renormalization runs as plain batch norm first."""
+    if norm == "torch_bn":
+        return BatchNorm1d(features)
+    if norm == "nn":
+        return nn.BatchNorm1d(features)
+    if norm == "renorm":
+        return torch_bn.BatchRenorm1d(features, rmax=RENORM_RMAX, dmax=RENORM_DMAX, warmup_steps=renorm_warmup)
+    if norm == "ghost":
+        if virtual_batch_size is None:
+            raise ValueError("ghost batch norm needs a virtual batch size (--virtual-batch-size V)")
+        return torch_bn.GhostBatchNorm1d(features, virtual_batch_size)
+    if norm == "layernorm":
+        return nn.LayerNorm(features)
+    return None
+
+
 class MLP(nn.Module):
     """Multi-layer perceptron for flattened images, with optional batch norm per hidden layer.
 
@@ -28,10 +56,15 @@ class MLP(nn.Module):
         input_dim: features per input (3072 for flattened CIFAR-10 images).
         hidden_dims: width of each hidden layer (each positive).
         num_classes: logits out.
-        norm: "torch_bn" (torch_bn.BatchNorm1d), "nn" (nn.BatchNorm1d; "torch" is an alias) or "none".
+        norm: "torch_bn" (torch_bn.BatchNorm1d), "nn" (nn.BatchNorm1d; "torch" is an alias), "none",
+            "renorm" (torch_bn.BatchRenorm1d), "ghost" (torch_bn.GhostBatchNorm1d) or "layernorm"
+            (nn.LayerNorm over each sample's features).
         weight_scale: if given, every Linear weight ~ N(0, weight_scale^2) and biases 0 (the
             notebook's init); None keeps PyTorch's default init.
         dropout: probability after each ReLU, in [0, 1) (0: no dropout layers).
+        virtual_batch_size: ghost batch norm's chunk size (norm "ghost" only, at least 2).
+        renorm_warmup: steps of plain batch norm before batch renormalization corrects with the
+            running statistics (norm "renorm" only).
 
     Shape:
         Input (N, input_dim) or images (N, C, H, W), flattened; output logits (N, num_classes).
@@ -43,9 +76,11 @@ class MLP(nn.Module):
     """
 
     def __init__(self, input_dim: int = 3072, hidden_dims: Sequence[int] = (100,) * 5, num_classes: int = 10,
-                 norm: str = "torch_bn", weight_scale: float | None = None, dropout: float = 0.0) -> None:
+                 norm: str = "torch_bn", weight_scale: float | None = None, dropout: float = 0.0, *,
+                 virtual_batch_size: int | None = None, renorm_warmup: int = 0) -> None:
         super().__init__()
         norm = canonical_norm(norm)
+        check_norm_options(norm, virtual_batch_size, renorm_warmup)
         if not hidden_dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in hidden_dims):
             raise ValueError(f"hidden_dims must be one or more positive integers, got {tuple(hidden_dims)}")
         if not 0 <= dropout < 1:
@@ -56,10 +91,9 @@ class MLP(nn.Module):
         dims = [input_dim, *hidden_dims]
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers.append(nn.Linear(d_in, d_out))
-            if norm == "torch_bn":
-                layers.append(BatchNorm1d(d_out))
-            elif norm == "nn":
-                layers.append(nn.BatchNorm1d(d_out))
+            layer = norm_layer(norm, d_out, virtual_batch_size=virtual_batch_size, renorm_warmup=renorm_warmup)
+            if layer is not None:
+                layers.append(layer)
             layers.append(nn.ReLU())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
@@ -77,6 +111,24 @@ class MLP(nn.Module):
         return self.net(torch.flatten(x, 1))
 
 
+def check_norm_options(norm: str, virtual_batch_size: int | None, renorm_warmup: int) -> None:
+    """ValueError unless the options fit the norm: a virtual batch size of at least 2 for "ghost" and
+    only there; a non-negative renorm_warmup, other than 0 only for "renorm"."""
+    if norm == "ghost":
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
+            given = "none was given" if virtual_batch_size is None else f"got {virtual_batch_size}"
+            raise ValueError(f"ghost batch norm normalizes chunks of virtual_batch_size samples, at least 2 "
+                             f"(one sample has no variance): pass --virtual-batch-size V; {given}")
+    elif virtual_batch_size is not None:
+        raise ValueError(f"a virtual batch size is ghost batch norm's (--norm ghost), but norm is {norm!r}; "
+                         f"drop --virtual-batch-size or use --norm ghost")
+    if isinstance(renorm_warmup, bool) or not isinstance(renorm_warmup, int) or renorm_warmup < 0:
+        raise ValueError(f"renorm_warmup is a number of steps, zero or more, got {renorm_warmup}")
+    if renorm_warmup and norm != "renorm":
+        raise ValueError(f"a renormalization warm-up is batch renormalization's (--norm renorm), but norm is "
+                         f"{norm!r}; drop --renorm-warmup or use --norm renorm")
+
+
 def l2_penalty(model: nn.Module, reg: float) -> Tensor:
     """The notebook's regularizer: 0.5 * reg * the sum of squared weights of every Linear and conv
     layer of ``model`` (biases and normalization parameters are not penalized)."""
@@ -85,7 +137,8 @@ def l2_penalty(model: nn.Module, reg: float) -> Tensor:
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
-    """The batch-norm layers of ``model`` (torch_bn's and torch.nn's), in order."""
+    """The normalization layers of ``model`` (torch_bn's and torch.nn's batch norms, batch
+    renormalization, ghost batch norm, layer norm), in order."""
     return [m for m in model.modules() if isinstance(m, _NORMS)]
 
 
@@ -99,7 +152,8 @@ class HiddenLayer(NamedTuple):
 
 
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
-_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d)
+_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d, nn.LayerNorm,
+          *(getattr(torch_bn, name) for name in ("BatchRenorm1d", "GhostBatchNorm1d") if hasattr(torch_bn, name)))
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SiLU)
 
 

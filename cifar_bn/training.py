@@ -11,7 +11,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import distributed
 from .dashboard import LayerProbe, RunLogger, hparam_values
 from .data import NUM_CLASSES, CIFAR10Data
-from .models import MLP, activation_stds, canonical_norm, l2_penalty
+from .models import MLP, RENORM_DMAX, RENORM_RMAX, activation_stds, canonical_norm, check_norm_options, l2_penalty
 
 OPTIMIZERS = ("adam", "sgd", "sgd_momentum", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,6 +58,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     sync_bn: bool = False  # batch norm over the global batch of all torchrun processes (cifar_bn.distributed)
+    virtual_batch_size: int | None = None  # norm "ghost": statistics over chunks of this many samples
+    renorm_warmup: int | None = None  # norm "renorm": steps of plain batch norm first (None: one epoch)
 
     def __post_init__(self) -> None:
         """Check every field, so that a bad configuration fails before anything is written."""
@@ -88,6 +90,26 @@ class TrainConfig:
             raise ValueError(f"reg (the L2 penalty) must be zero or positive, got {self.reg}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        check_norm_options(self.norm, self.virtual_batch_size, self.renorm_warmup or 0)
+        if self.renorm_warmup is not None and self.norm != "renorm":
+            raise ValueError(f"a renormalization warm-up is batch renormalization's (--norm renorm), but norm is "
+                             f"{self.norm!r}; drop --renorm-warmup or use --norm renorm")
+        if self.virtual_batch_size is not None:
+            if self.virtual_batch_size > self.batch_size:
+                raise ValueError(f"--virtual-batch-size {self.virtual_batch_size} is larger than the batch of "
+                                 f"{self.batch_size}; ghost batch norm splits each batch into chunks of that size "
+                                 f"(one chunk of the whole batch is --norm torch_bn)")
+            if self.batch_size % self.virtual_batch_size == 1:
+                raise ValueError(f"batch {self.batch_size} in chunks of {self.virtual_batch_size} leaves a last "
+                                 f"chunk of one sample, which has no variance; choose a virtual batch size that "
+                                 f"divides the batch (or leaves at least 2)")
+
+    def resolved(self, num_train: int) -> "TrainConfig":
+        """This config with the defaults that depend on the data made explicit: batch
+        renormalization's warm-up None becomes one epoch's iterations (num_train // batch_size)."""
+        if self.norm == "renorm" and self.renorm_warmup is None:
+            return replace(self, renorm_warmup=num_train // self.batch_size)
+        return self
 
 
 @dataclass
@@ -167,7 +189,11 @@ def checks_per_epoch(train_images: int, eval_images: int) -> int:
 
 def run_card(config: "TrainConfig", num_train: int, device: str) -> str:
     """The run's text card: what it trains and how to read its dashboard."""
-    norm = {"torch_bn": "torch_bn.BatchNorm1d", "nn": "nn.BatchNorm1d", "none": "no normalization"}[config.norm]
+    norm = {"torch_bn": "torch_bn.BatchNorm1d", "nn": "nn.BatchNorm1d", "none": "no normalization",
+            "renorm": f"torch_bn.BatchRenorm1d (rmax {RENORM_RMAX:g}, dmax {RENORM_DMAX:g}, plain batch norm for "
+                      f"the first {config.renorm_warmup} steps)",
+            "ghost": f"torch_bn.GhostBatchNorm1d (statistics over chunks of {config.virtual_batch_size} samples)",
+            "layernorm": "nn.LayerNorm (statistics over each sample's features)"}[config.norm]
     init = "PyTorch's default init" if config.weight_scale is None else f"weights ~ N(0, {config.weight_scale:.3g}^2)"
     return (f"**{norm}**: MLP 3072-{'-'.join(map(str, config.hidden_dims))}-10, {init}, {config.optimizer} "
             f"lr {config.lr:g}, batch {config.batch_size}, {config.epochs} epochs on {num_train} images, seed "
@@ -419,7 +445,8 @@ def build_model(config: TrainConfig, input_dim: int) -> MLP:
     """The notebook's MLP for ``config``, initialized from ``config.seed`` (so every norm of a
     comparison starts from the same Linear weights)."""
     torch.manual_seed(config.seed)
-    return MLP(input_dim, config.hidden_dims, NUM_CLASSES, config.norm, config.weight_scale, config.dropout)
+    return MLP(input_dim, config.hidden_dims, NUM_CLASSES, config.norm, config.weight_scale, config.dropout,
+               virtual_batch_size=config.virtual_batch_size, renorm_warmup=config.renorm_warmup or 0)
 
 
 def keep_aside(path: str, label: str) -> str:
@@ -452,6 +479,7 @@ def run(config: TrainConfig, data: CIFAR10Data, run_dir: str, *, progress: bool 
     if checkpoint is not None:
         config = TrainConfig(**{**checkpoint["config"], "device": config.device,
                                 "epochs": max(config.epochs, checkpoint["epoch"])})
+    config = config.resolved(len(data.X_train))
     model = build_model(config, data.X_train[0].numel())
     return Trainer(config, model, data, run_dir, progress=progress, resume=resume, checkpoint=checkpoint,
                    log_every=log_every).fit()
