@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -83,6 +84,21 @@ def logging_overhead(data, root: str, repeats: int, progress: bool) -> tuple[flo
 BATCH_SIZE_SECTION = "batch-size"
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def public_command(argv: list[str]) -> str:
+    """The command line as the results file shows it: the data folder, which is this machine's, as DIR."""
+    out, hide = [], False
+    for a in argv:
+        out.append("DIR" if hide else "--data-dir=DIR" if a.startswith("--data-dir=") else shlex.quote(a))
+        hide = a == "--data-dir"
+    return " ".join(out)
+
+
 def section_markers(name: str) -> tuple[str, str]:
     return f"<!-- {name} -->", f"<!-- /{name} -->"
 
@@ -103,12 +119,13 @@ def batch_size_section(data, root: str, seeds: int, epochs: int, progress: bool,
     command, machine, load, the wall time of each seed's whole experiment, and the table."""
     config = replace(TrainConfig(**{k: v for k, v in batch_sizes.PRESET.items() if k != "num_train"}), epochs=epochs)
     started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), os.getloadavg()
-    seeds_results, times = [], []
+    seeds_results, times, cpu = [], [], []
     for seed in range(seeds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         seeds_results.append(experiments.batch_size(replace(config, seed=seed), data,
                                                     os.path.join(root, f"seed{seed}"), progress=progress))
         times.append(time.perf_counter() - t0)
+        cpu.append(cpu_seconds() - c0)
     load_after = os.getloadavg()
     paths = experiments.publish(root, batch_sizes.CARD + f" Over seeds 0-{seeds - 1}: curves are means with the "
                                 f"min-max range shaded, error bars span the seeds.", batch_sizes.figures(seeds_results))
@@ -129,7 +146,8 @@ def batch_size_section(data, root: str, seeds: int, epochs: int, progress: bool,
         f"{' and '.join(map(str, batch_sizes.VIRTUAL_BATCH_SIZES))}. Seeds 0-{seeds - 1}: mean (min-max).",
         "",
         f"Wall time of the whole experiment ({runs} runs, sequential, dashboards and figures included), per seed: "
-        + ", ".join(f"{t:.0f} s" for t in times) + ".", "",
+        + ", ".join(f"{t:.0f} s" for t in times) + " (CPU time of the process: "
+        + ", ".join(f"{t:.0f} s" for t in cpu) + "; the rest is waiting for the shared cores).", "",
         *batch_sizes.table(seeds_results), "",
         "Figures (all seeds): " + ", ".join(f"[{os.path.basename(p)}](figures/{os.path.basename(p)})" for p in paths)
         + ".",
@@ -184,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     root = os.path.join(args.logdir, time.strftime("reproduce-%Y%m%d-%H%M%S"))
     os.makedirs(root)  # a new folder: nothing earlier is overwritten
     progress = not args.quiet
-    command = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = public_command(argv if argv is not None else sys.argv[1:])
     if args.only == BATCH_SIZE_SECTION:
         torch.set_num_threads(args.threads)
         lines = batch_size_section(bs_data, os.path.join(root, "batch-size"), args.batch_size_seeds,

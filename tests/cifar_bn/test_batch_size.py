@@ -289,6 +289,7 @@ def test_reproduce_batch_size_alone_replaces_its_section(tiny_cifar, tmp_path):
     assert "old numbers" not in text and text.count("<!-- /batch-size -->") == 1
     assert "| batch norm (torch_bn) | 5 |" in text and "| ghost batch norm, 10 of 50 | 50 |" in text
     assert "Wall time of the whole experiment (14 runs" in text
+    assert "--only batch-size --data-dir DIR --no-verify" in text and tiny_cifar not in text
     assert sorted(os.listdir(figures)) == ["batch_size_summary.png", "batch_size_train.png", "batch_size_val.png"]
     (run_root,) = os.listdir(tmp_path / "runs")
     assert {"bs05", "bs10", "bs50", "batch_size_summary.png"} <= set(os.listdir(tmp_path / "runs" / run_root /
