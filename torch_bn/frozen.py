@@ -119,9 +119,10 @@ def _frozen_class(module: nn.Module) -> type | None:
     """The frozen class for a batch-norm layer (nn's, torch_bn's, SyncBatchNorm), or None."""
     if isinstance(module, nn.SyncBatchNorm):
         return FrozenBatchNorm
-    for cls, frozen in ((nn.BatchNorm1d, FrozenBatchNorm1d), (nn.BatchNorm2d, FrozenBatchNorm2d),
-                        (nn.BatchNorm3d, FrozenBatchNorm3d)):
-        if isinstance(module, cls):
+    for classes, frozen in (((nn.BatchNorm1d, nn.LazyBatchNorm1d), FrozenBatchNorm1d),
+                            ((nn.BatchNorm2d, nn.LazyBatchNorm2d), FrozenBatchNorm2d),
+                            ((nn.BatchNorm3d, nn.LazyBatchNorm3d), FrozenBatchNorm3d)):
+        if isinstance(module, classes):
             return frozen
     return None
 
@@ -130,7 +131,7 @@ def freeze(module: nn.Module) -> nn.Module:
     """Replace every batch-norm layer in ``module`` by a frozen one with its statistics and affine values.
 
     Matches ``nn.BatchNorm1d/2d/3d``, their subclasses (torch_bn's layers) and
-    ``nn.SyncBatchNorm`` (torch_bn's too) by ``isinstance``; each becomes a
+    ``nn.SyncBatchNorm`` (torch_bn's too), and the lazy classes once initialized, by ``isinstance``; each becomes a
     :class:`FrozenBatchNorm1d/2d/3d` (a SyncBatchNorm, whose input rank is unknown, a
     :class:`FrozenBatchNorm`). The frozen buffers are copies of the layer's running statistics,
     weight and bias (ones and zeros without ``affine``), so nothing an optimizer still holds can

@@ -104,7 +104,8 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
     per-batch statistics with equal weights: its running_mean is the mean of the batch means
     (equal to this one only when all batches have the same size), and its running_var the mean
     of the batches' unbiased variances, which leaves out the spread of the batch means around
-    the overall mean (so it is lower than the variance of all the values).
+    the overall mean: with B batches of m values,
+    ``(B*m - 1) * var_all = (m - 1) * sum_b var_b + m * sum_b (mean_b - mean)^2``.
 
     Args:
         model: the model; changed in place and returned.
