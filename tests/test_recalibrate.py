@@ -1,5 +1,6 @@
-"""recalibrate: the running statistics equal a float64 reference of all the values each layer saw,
-on batches of different sizes; swa_utils.update_bn's mean on equal sizes; nothing else changes."""
+"""recalibrate: the running statistics equal a float64 reference of all the values each layer saw
+(bench.toolbox_errors.recalibration_reference, from the equations), on batches of different
+sizes; swa_utils.update_bn's mean on equal sizes; nothing else changes."""
 import functools
 import os
 import sys
@@ -11,44 +12,9 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import torch_bn
+from bench.toolbox_errors import SIZES, make_batches, two_layer_model
+from bench.toolbox_errors import recalibration_reference as reference
 from dist_helpers import init_group, run_workers
-
-SIZES = [7, 50, 3]
-
-
-def two_layer_model(bn_cls=torch_bn.BatchNorm1d):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), bn_cls(6), nn.ReLU(), nn.Linear(6, 4), bn_cls(4))
-    with torch.no_grad():
-        for m in (model[1], model[4]):
-            m.weight.uniform_(0.5, 2)
-            m.bias.uniform_(-1, 1)
-    return model
-
-
-def make_batches(sizes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 5, generator=gen) * 3 + 2 for n in sizes]
-
-
-def reference(model, batches):
-    """Per layer, the float64 mean and unbiased variance of all its training-mode inputs, from the
-    equations: each batch through a float64 copy, each BN normalizing with its batch's statistics."""
-    lin1, bn1, _, lin2, bn2 = [m for m in model]
-    w1, b1, w2, b2 = (t.detach().double() for t in (lin1.weight, lin1.bias, lin2.weight, lin2.bias))
-
-    def bn_train(z, bn):
-        mean, var = z.mean(0), z.var(0, unbiased=False)
-        return (z - mean) / torch.sqrt(var + bn.eps) * bn.weight.detach().double() + bn.bias.detach().double()
-
-    seen1, seen2 = [], []
-    for x in batches:
-        z1 = x.double() @ w1.T + b1
-        z2 = torch.relu(bn_train(z1, bn1)) @ w2.T + b2
-        seen1.append(z1)
-        seen2.append(z2)
-    return [(torch.cat(s).mean(0), torch.cat(s).var(0, unbiased=True)) for s in (seen1, seen2)]
-
 
 def rel_err(a, b):
     return ((a.double() - b).abs() / b.abs().clamp(min=1e-12)).max().item()
