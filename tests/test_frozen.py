@@ -141,6 +141,10 @@ def test_freeze_without_affine_keeps_the_mode_and_resnet_backbones_freeze():
     assert sum(isinstance(m, torch_bn.FrozenBatchNorm2d) for m in net.modules()) == 20
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)
+    traced = torch.fx.symbolic_trace(net)  # frozen layers are single calls in a torch.fx graph
+    assert sum(n.op == "call_module" and isinstance(traced.get_submodule(n.target), torch_bn.FrozenBatchNorm2d)
+               for n in traced.graph.nodes) == 20
+    torch.testing.assert_close(traced(x), before, rtol=1e-4, atol=1e-5)
 
 
 def test_clear_errors():

@@ -54,11 +54,11 @@ def _check_activation(activation: str, param: float) -> None:
                          f"then), got {param}")
 
 
-def _activate(z: Tensor, activation: str, param: float) -> Tensor:
+def _activate(z: Tensor, activation: str, param: float, inplace: bool = False) -> Tensor:
     if activation == "leaky_relu":
-        return torch.nn.functional.leaky_relu(z, param)
+        return torch.nn.functional.leaky_relu(z, param, inplace=inplace)
     if activation == "elu":
-        return torch.nn.functional.elu(z, param)
+        return torch.nn.functional.elu(z, param, inplace=inplace)
     return z
 
 
@@ -101,10 +101,11 @@ class BatchNormActFunction(torch.autograd.Function):
         mean, var = ops.batch_stats(x)
         rstd = torch.rsqrt(var + eps)
         z = ops.normalize(x, mean, rstd, weight, bias)
-        unsafe = _unsafe_channels(z, weight, bias, activation, param)
-        idx = unsafe.nonzero().flatten()
-        y = _activate(z, activation, param)
-        del z
+        if any(ctx.needs_input_grad[:3]):
+            idx = _unsafe_channels(z, weight, bias, activation, param).nonzero().flatten()
+        else:  # no backward will run: nothing to keep
+            idx = torch.zeros(0, dtype=torch.long, device=x.device)
+        y = _activate(z, activation, param, inplace=True)  # z is this call's own temporary
         kept = None
         if idx.numel() == x.shape[1]:
             kept = x.detach()

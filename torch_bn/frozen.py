@@ -78,6 +78,8 @@ class FrozenBatchNorm(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx: one call of this module (a leaf, as nn's layers)
+            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} "
