@@ -3,6 +3,8 @@ running statistics, state_dict), gradcheck in float64, exact where weight -> 0 o
 and the bytes saved for backward within 55% of the nn stack's for the batch norm + activation."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torch_bn
@@ -95,10 +97,11 @@ def test_gradcheck_float64(activation, param, affine):
 def reference_grads(x, w, b, dy, activation, eps=1e-5):
     """Autograd through batch norm written from its definition, then the activation, float64."""
     x, w, b = (t.double().detach().requires_grad_() for t in (x, w, b))
-    dims = [0, 2, 3]
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
     mean = x.mean(dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dims, keepdim=True)
-    z = (x - mean) / torch.sqrt(var + eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    z = (x - mean) / torch.sqrt(var + eps) * w.view(shape) + b.view(shape)
     y = {"leaky_relu": lambda t: nn.functional.leaky_relu(t, 0.01), "elu": nn.functional.elu,
          "identity": lambda t: t}[activation](z)
     return torch.autograd.grad(y, (x, w, b), dy.double())
@@ -119,6 +122,26 @@ def test_exact_where_weight_is_tiny_or_zero(activation, dtype):
     for a, e in ((dx, ex), (dw, ew), (db, eb)):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.double(), e, **tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 6), c=st.integers(1, 5), spatial=st.lists(st.integers(1, 3), max_size=3),
+       activation=st.sampled_from(list(ACTS)), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       offset=st.sampled_from([0.0, -4.0, 100.0]), weight_scale=st.sampled_from([0.0, 1e-9, 1e-3, 1.0, 20.0]))
+def test_any_shape_and_weight_float64(n, c, spatial, activation, scale, offset, weight_scale):
+    """Random shapes 2D to 5D, inputs far from zero, weights from 0 to large: the gradients of the
+    definition (through autograd), whether a channel's input is recovered from y or kept."""
+    gen = torch.Generator().manual_seed(n * 100 + c)
+    shape = (n, c, *spatial)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(c, generator=gen, dtype=torch.float64) * weight_scale
+    b = torch.randn(c, generator=gen, dtype=torch.float64) * 3
+    x_, w_, b_ = (t.clone().requires_grad_() for t in (x, w, b))
+    y = BatchNormActFunction.apply(x_, w_, b_, 1e-5, activation, 0.01 if activation == "leaky_relu" else 1.0)[0]
+    got = torch.autograd.grad(y, (x_, w_, b_), dy)
+    for a, e in zip(got, reference_grads(x, w, b, dy, activation)):
+        torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-7)
 
 
 def kept_channels(ours, x):
