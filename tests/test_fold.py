@@ -115,13 +115,26 @@ def test_shared_layers_batch_act_and_layers_without_running_statistics_are_left_
     conv = nn.Conv2d(3, 3, 1)
     shared = nn.Sequential(conv, nn.BatchNorm2d(3), conv)  # conv called twice
     no_stats = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False))
-    act = nn.Sequential(nn.Conv2d(3, 3, 1), torch_bn.BatchNormAct2d(3))
-    for model in (shared, no_stats, act):
+    for model in (shared, no_stats):
         randomize(model, torch.randn(4, 3, 5, 5))
         folded = torch_bn.fold(model)
         assert not any(isinstance(m, nn.Identity) for m in folded.modules())
         x = torch.randn(2, 3, 5, 5)
         torch.testing.assert_close(folded(x), model(x))
+
+
+@pytest.mark.parametrize("activation,expected", [("leaky_relu", nn.LeakyReLU), ("elu", nn.ELU),
+                                                 ("identity", nn.Identity)])
+def test_batch_norm_act_leaves_its_activation(activation, expected):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), torch_bn.BatchNormAct2d(4, activation=activation, negative_slope=0.2,
+                                                                      alpha=0.7))
+    randomize(model, torch.randn(4, 3, 6, 6) * 2 + 1)
+    folded = torch_bn.fold(model)
+    assert type(folded[1]) is expected
+    assert getattr(folded[1], "negative_slope", 0.2) == 0.2 and getattr(folded[1], "alpha", 0.7) == 0.7
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_an_untraceable_model_folds_its_sequential_pairs_with_a_warning():

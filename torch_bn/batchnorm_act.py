@@ -197,8 +197,9 @@ _DOC = r"""Batch normalization followed by an invertible activation, saving memo
     :class:`~torch_bn.batchnorm_act.BatchNormActFunction`, that keeps only its output (and
     per-channel vectors) for backward: about half the memory of the two layers.
     Not a subclass of ``nn.{bn}``, so tools that replace batch-norm layers by ``isinstance``
-    (``convert_sync_batchnorm``, :func:`torch_bn.freeze`, :func:`torch_bn.fold`) leave it, and its
-    activation, alone; :func:`torch_bn.recalibrate` recalibrates it.
+    (``convert_sync_batchnorm``, :func:`torch_bn.freeze`) leave it, and its activation, alone;
+    :func:`torch_bn.recalibrate` recalibrates it, and :func:`torch_bn.fold` folds its batch norm
+    into the layer before it, leaving the activation.
 
     Args:
         num_features: number of channels :math:`C` (dim 1 of the input)

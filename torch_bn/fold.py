@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from .batchnorm_act import _BatchNormAct
 from .frozen import FrozenBatchNorm
 
 __all__ = ["fold"]
@@ -30,8 +31,16 @@ def _is_batch_norm(m: nn.Module) -> bool:
     mode is an affine map of running statistics."""
     if isinstance(m, FrozenBatchNorm):
         return True
-    return (isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm))
+    return (isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, _BatchNormAct))
             and m.running_mean is not None and m.running_var is not None)
+
+
+def _replacement(bn: nn.Module) -> nn.Module:
+    """What is left of a folded batch-norm layer: nothing, or BatchNormAct's activation."""
+    if isinstance(bn, _BatchNormAct):
+        return {"leaky_relu": lambda: nn.LeakyReLU(bn.negative_slope), "elu": lambda: nn.ELU(bn.alpha),
+                "identity": nn.Identity}[bn.activation]()
+    return nn.Identity()
 
 
 def _foldable(producer: nn.Module, bn: nn.Module) -> bool:
@@ -78,7 +87,7 @@ def _fold_sequential(model: nn.Module, held: Counter) -> int:
             if (_foldable(producer, bn)
                     and held[id(producer)] == 1 and held[id(bn)] == 1):
                 _fold_pair(producer, bn)
-                seq._modules[b] = nn.Identity()
+                seq._modules[b] = _replacement(bn)
                 folded += 1
     return folded
 
@@ -106,7 +115,7 @@ def _fold_traced(model: nn.Module, held: Counter) -> int:
         if (_foldable(producer, bn) and calls[src.target] == 1 and calls[node.target] == 1
                 and held[id(producer)] == 1 and held[id(bn)] == 1):
             _fold_pair(producer, bn)
-            _set(model, node.target, nn.Identity())
+            _set(model, node.target, _replacement(bn))
             folded += 1
     return folded
 
@@ -116,10 +125,11 @@ def fold(module: nn.Module) -> nn.Module:
 
     Every ``nn.Linear`` or ``nn.Conv1d/2d/3d`` whose output feeds only a batch-norm layer gets
     that layer folded into its weight and bias, and the batch-norm layer becomes ``nn.Identity``
-    (a bias is added to a layer built without one). Batch-norm layers: nn's, their subclasses
-    (torch_bn's), SyncBatchNorm and torch_bn's frozen layers, matched by ``isinstance``, each
-    with running statistics (a layer without them normalizes with batch statistics even in
-    evaluation, and is left alone, as is torch_bn.BatchNormAct, whose activation follows it).
+    (a bias is added to a layer built without one); a :class:`torch_bn.BatchNormAct2d` (1d, 3d)
+    becomes its activation (``nn.LeakyReLU``, ``nn.ELU`` or ``nn.Identity``). Batch-norm layers:
+    nn's, their subclasses (torch_bn's), SyncBatchNorm, torch_bn's frozen and BatchNormAct
+    layers, matched by ``isinstance``, each with running statistics (a layer without them
+    normalizes with batch statistics even in evaluation, and is left alone).
 
     Pairs are found in two ways: consecutive children of every ``nn.Sequential``, and a
     torch.fx trace of the whole model (any traceable model, e.g. torchvision's resnet18 after
