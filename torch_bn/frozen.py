@@ -93,8 +93,14 @@ class FrozenBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+def _doc(shape: str) -> str:
+    """The base class's docstring for a layer that takes only ``shape`` inputs."""
+    doc = FrozenBatchNorm.__doc__.replace("for an (N, C, *) input of any rank", f"for an {shape} input", 1)
+    return doc.replace(":math:`(N, C, *)`", f"``{shape}``")
+
+
 class FrozenBatchNorm1d(FrozenBatchNorm):
-    __doc__ = FrozenBatchNorm.__doc__.replace("(N, C, *)", "(N, C) or (N, C, L)", 1)
+    __doc__ = _doc("(N, C) or (N, C, L)")
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):
@@ -102,7 +108,7 @@ class FrozenBatchNorm1d(FrozenBatchNorm):
 
 
 class FrozenBatchNorm2d(FrozenBatchNorm):
-    __doc__ = FrozenBatchNorm.__doc__.replace("(N, C, *)", "(N, C, H, W)", 1)
+    __doc__ = _doc("(N, C, H, W)")
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -110,7 +116,7 @@ class FrozenBatchNorm2d(FrozenBatchNorm):
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
-    __doc__ = FrozenBatchNorm.__doc__.replace("(N, C, *)", "(N, C, D, H, W)", 1)
+    __doc__ = _doc("(N, C, D, H, W)")
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
