@@ -119,6 +119,34 @@ def test_unreached_layers_keep_their_statistics_with_a_warning():
         torch_bn.recalibrate(model, make_batches(SIZES), num_batches=0)
 
 
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """Stands for a layer with masked statistics: forward(input, mask) (the mask unused here)."""
+
+    def forward(self, input, mask=None):
+        return super().forward(input)
+
+
+class MaskedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = MaskedBatchNorm1d(3)
+
+    def forward(self, batch):
+        x, mask = batch
+        return self.bn(x, mask=mask) + self.bn(x, mask)  # keyword, then positional
+
+
+def test_a_layer_called_with_a_mask_counts_only_its_positions():
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 3, 4, generator=gen) * 2 + 1, torch.rand(n, 4, generator=gen) > 0.4) for n in SIZES]
+    model = MaskedModel()
+    torch_bn.recalibrate(model, [[b] for b in batches])  # each batch a list whose first element is the input
+    counted = torch.cat([x.double().movedim(1, -1)[mask] for x, mask in batches] * 2)  # two calls a batch
+    assert rel_err(model.bn.running_mean, counted.mean(0)) < 1e-5
+    assert rel_err(model.bn.running_var, counted.var(0)) < 1e-5
+    assert int(model.bn.num_batches_tracked) == 6
+
+
 def sync_worker(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
     init_group(rank, world_size, port)

@@ -27,8 +27,11 @@ class _Moments:
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
-    def add(self, x: Tensor) -> None:
-        m, mean, m2 = ops.batch_moments(x.detach().double())
+    def add(self, x: Tensor, mask: Tensor | None = None) -> None:
+        x = x.detach().double()
+        if mask is not None:  # only the counted positions: (K, C)
+            x = x.movedim(1, -1)[mask]
+        m, mean, m2 = ops.batch_moments(x)
         if m == 0:
             return
         if self.mean is None:
@@ -48,6 +51,16 @@ def _batch_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, nn.modules.instancenorm._InstanceNorm)
             and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
+
+
+def _mask(args: tuple, kwargs: dict) -> Tensor | None:
+    """A layer call's ``mask`` (masked statistics: bool, the input's shape without dim 1), or None."""
+    mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+    x = args[0]
+    if (isinstance(mask, Tensor) and mask.dtype == torch.bool
+            and tuple(mask.shape) == tuple(x.shape[:1]) + tuple(x.shape[2:])):
+        return mask
+    return None
 
 
 def _sync_group(module: nn.Module) -> Any:
@@ -93,7 +106,9 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
     the statistics of its batch-norm input), every one with ``track_running_stats``. A
     :class:`torch_bn.SyncBatchNorm` in an initialized process group of several ranks combines
     its statistics over the ranks (every rank must call recalibrate with the same number of
-    batches). A layer the batches never reach keeps its statistics (with a warning naming it).
+    batches). A layer called with a ``mask`` (masked statistics: a bool tensor shaped like the
+    input without dim 1, as keyword or second argument) counts only the positions where it is
+    True. A layer the batches never reach keeps its statistics (with a warning naming it).
 
     What else changes: ``num_batches_tracked`` counts the batches as training does (one per
     call of the layer); ``momentum`` is not used (the statistics come from the inputs, not a
@@ -128,9 +143,9 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
     moments = {id(m): _Moments() for _, m in layers}
     calls = {id(m): 0 for _, m in layers}
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if args and isinstance(args[0], Tensor):
-            moments[id(module)].add(args[0])
+            moments[id(module)].add(args[0], _mask(args, kwargs))
             calls[id(module)] += 1
 
     modes = {m: m.training for m in model.modules()}
@@ -139,7 +154,7 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
         total = len(batches)
     elif total is not None and hasattr(batches, "__len__"):
         total = min(total, len(batches))
-    handles = [m.register_forward_pre_hook(hook) for _, m in layers]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for _, m in layers]
     saved = {id(m): (m.running_mean.clone(), m.running_var.clone()) for _, m in layers}
     try:
         model.train()
