@@ -107,6 +107,15 @@ def test_progress_true_without_tqdm_says_what_to_do(monkeypatch):
         torch_bn.recalibrate(two_layer_model(), make_batches(SIZES), progress=True)
 
 
+def test_a_failing_batch_leaves_every_buffer_as_it_was():
+    model = two_layer_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = make_batches(SIZES) + [torch.randn(4, 7)]  # the last has 7 features, not 5
+    with pytest.raises(RuntimeError):
+        torch_bn.recalibrate(model, batches)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_unreached_layers_keep_their_statistics_with_a_warning():
     model = two_layer_model()
     model.add_module("unused", nn.BatchNorm1d(4))

@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
+from .sync_batchnorm import _global_moments
 
 __all__ = ["recalibrate"]
 
@@ -67,7 +69,6 @@ def _sync_group(module: nn.Module) -> Any:
     """The process group a SyncBatchNorm layer combines statistics over, or None."""
     if not isinstance(module, nn.SyncBatchNorm):
         return None
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return None
     group = dist.group.WORLD if module.process_group is None else module.process_group
@@ -111,9 +112,11 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
     True. A layer the batches never reach keeps its statistics (with a warning naming it).
 
     What else changes: ``num_batches_tracked`` counts the batches as training does (one per
-    call of the layer); ``momentum`` is not used (the statistics come from the inputs, not a
+    call of the layer; a layer never reached keeps its count); ``momentum`` is not used (the statistics come from the inputs, not a
     running average) and is left as it was, as are the parameters and every module's training
-    mode. Dropout and other training-mode layers act as in training during the passes.
+    mode. Dropout and other training-mode layers act as in training during the passes. If a
+    batch raises, every layer's running statistics and count are put back before the error
+    propagates.
 
     Unlike ``torch.optim.swa_utils.update_bn``, which sets momentum to None and so averages the
     per-batch statistics with equal weights: its running_mean is the mean of the batch means
@@ -141,12 +144,10 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
         raise ValueError(f"num_batches must be a positive number of batches or None (all), got {num_batches}")
     layers = _batch_norms(model)
     moments = {id(m): _Moments() for _, m in layers}
-    calls = {id(m): 0 for _, m in layers}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if args and isinstance(args[0], Tensor):
             moments[id(module)].add(args[0], _mask(args, kwargs))
-            calls[id(module)] += 1
 
     modes = {m: m.training for m in model.modules()}
     total = num_batches
@@ -155,7 +156,14 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
     elif total is not None and hasattr(batches, "__len__"):
         total = min(total, len(batches))
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for _, m in layers]
-    saved = {id(m): (m.running_mean.clone(), m.running_var.clone()) for _, m in layers}
+    # The passes move the running statistics (momentum) and counts: kept to undo them where a
+    # layer saw nothing, or everywhere when a batch raises.
+    saved = {id(m): {k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for _, m in layers}
+
+    def restore(m: nn.Module) -> None:
+        for k, v in saved[id(m)].items():
+            getattr(m, k).copy_(v)
+
     try:
         model.train()
         with torch.no_grad():
@@ -166,6 +174,11 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
                 if device is not None:
                     x = x.to(device)
                 model(x)
+    except BaseException:
+        with torch.no_grad():
+            for _, m in layers:
+                restore(m)
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -178,14 +191,11 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
             group = _sync_group(m)
             count, mean, m2 = acc.count, acc.mean, acc.m2
             if group is not None:
-                from .sync_batchnorm import _global_moments
                 zeros = torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device)
                 count, mean, m2 = _global_moments(count, zeros if mean is None else mean,
                                                   zeros if m2 is None else m2, group)
-            old_mean, old_var = saved[id(m)]
-            if count == 0:  # never reached: the pass's updates (none) undone, statistics kept
-                m.running_mean.copy_(old_mean)
-                m.running_var.copy_(old_var)
+            if count == 0:  # never reached (or only empty batches): statistics and count as they were
+                restore(m)
                 unreached.append(name or type(m).__name__)
                 continue
             if count < 2:
