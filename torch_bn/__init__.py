@@ -5,10 +5,17 @@ application that trains with it is the separate package ``cifar_bn``.
 """
 from . import func, functional, ops
 from .function import BatchNormFunction
-from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
+from .ghost import GhostBatchNormFunction
+from .masked import MaskedBatchNormFunction
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
+                      GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
                       LazyBatchNorm3d, convert)
+from .renorm import BatchRenormFunction
 from .sync_batchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
            "LazyBatchNorm2d", "LazyBatchNorm3d", "convert", "func", "functional", "ops",
-           "SyncBatchNorm", "convert_sync_batchnorm", "DistributedDataParallel"]
+           "SyncBatchNorm", "convert_sync_batchnorm", "DistributedDataParallel",
+           "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormFunction",
+           "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormFunction",
+           "MaskedBatchNormFunction"]
