@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import cpp, ops
+from . import cpp, eager, ops
 from .function import BatchNormFunction, CompiledBatchNormFunction, choose_path
 from .ghost import GhostBatchNormFunction
 from .masked import MaskedBatchNormFunction
@@ -316,16 +316,18 @@ def _variant_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, ep
     """Training-mode masked or ghost batch norm: y, and the batch mean and unbiased variance
     that the running statistics move towards."""
     if mask is not None:
-        y, mean, var, count = MaskedBatchNormFunction.apply(input, weight, bias, mask, eps)
+        y, mean, var, count = eager.apply(MaskedBatchNormFunction, input, weight, bias, mask, eps)
         return y, mean, var * (count / (count - 1))  # unbiased over the counted positions
-    y, means, variances = GhostBatchNormFunction.apply(input, weight, bias, eps, virtual_batch_size)
+    y, means, variances, _rstd = eager.apply(GhostBatchNormFunction, input, weight, bias, eps, virtual_batch_size)
     # Keras 2's rule: the mean over chunks of the chunk means and of the chunk unbiased variances.
     n, per_sample = input.shape[0], input.numel() // (input.shape[0] * input.shape[1])
     v = min(virtual_batch_size, n)
-    counts = torch.full((means.shape[0], 1), v * per_sample, dtype=variances.dtype, device=variances.device)
-    if n % v:
-        counts[-1] = (n % v) * per_sample  # the smaller last chunk
-    return y, means.mean(0), (variances * (counts / (counts - 1))).mean(0)
+    m = v * per_sample  # values per channel in a chunk
+    if n % v == 0:
+        return y, means.mean(0), variances.mean(0) * (m / (m - 1))
+    last = (n % v) * per_sample  # the smaller last chunk
+    unbiased = torch.cat([variances[:-1] * (m / (m - 1)), variances[-1:] * (last / (last - 1))])
+    return y, means.mean(0), unbiased.mean(0)
 
 
 def _variant_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -374,7 +376,7 @@ def batch_renorm(
     if not training or running_mean is None or running_var is None or input.numel() == 0:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_input(input, training, eps, running_mean, running_var, weight, bias)
-    y, mean, var, _r, _d = BatchRenormFunction.apply(input, weight, bias, running_mean.detach(),
+    y, mean, var, _r, _d = eager.apply(BatchRenormFunction, input, weight, bias, running_mean.detach(),
                                                      running_var.detach(), eps, rmax, dmax)
     m = input.numel() // input.shape[1]
     _lerp_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum, in_place=True)
@@ -399,7 +401,7 @@ def batch_renorm_stateless(
     if not training or running_mean is None or running_var is None or input.numel() == 0:
         return batch_norm_stateless(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_input(input, training, eps, _detached(running_mean), _detached(running_var), weight, bias)
-    y, mean, var, _r, _d = BatchRenormFunction.apply(input, weight, bias, running_mean.detach(),
+    y, mean, var, _r, _d = eager.apply(BatchRenormFunction, input, weight, bias, running_mean.detach(),
                                                      running_var.detach(), eps, rmax, dmax)
     m = input.numel() // input.shape[1]
     return y, *_lerp_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum,

@@ -221,7 +221,8 @@ def renorm_backward(dy: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor | Non
 
 # ---- Ghost batch norm (Hoffer et al., 2017): docs/derivation.md, "Ghost batch norm" -------------
 # A batch (N, C, *) is seen as groups of chunks: a view (G, V, C, S) holds G consecutive chunks of
-# V samples each (S = the trailing size), and every statistic is per chunk and channel, (G, C).
+# V samples each (S = the trailing size). Statistics are per chunk and channel, kept as (G, 1, C, 1)
+# so that they broadcast against the view; per-channel vectors (C,) are viewed as (1, 1, C, 1).
 
 def ghost_chunks(x: Tensor, virtual_batch_size: int) -> list[Tensor]:
     """x (N, C, *) as views (G, V, C, S) of its consecutive chunks of virtual_batch_size samples:
@@ -230,6 +231,8 @@ def ghost_chunks(x: Tensor, virtual_batch_size: int) -> list[Tensor]:
     n, c = x.shape[0], x.shape[1]
     v = min(virtual_batch_size, n)
     g, rest = divmod(n, v)
+    if not rest:
+        return [x.reshape(g, v, c, -1)]
     flat = x.reshape(n, c, -1)
     chunks = [flat[:g * v].view(g, v, c, flat.shape[2])]
     if rest:
@@ -237,40 +240,44 @@ def ghost_chunks(x: Tensor, virtual_batch_size: int) -> list[Tensor]:
     return chunks
 
 
-def per_chunk(v: Tensor) -> Tensor:
-    """View a per-chunk statistic (G, C) as (G, 1, C, 1) so it broadcasts against a chunk view."""
-    return v[:, None, :, None]
+def as_chunk_channel(v: Tensor) -> Tensor:
+    """View a per-channel vector (C,) as (1, 1, C, 1), to broadcast against a chunk view."""
+    return v.view(1, 1, -1, 1)
 
 
 def chunk_stats(xg: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance (G, C) of each chunk and channel of xg (G, V, C, S), in compute
-    dtype, in two passes as batch_moments."""
-    m = xg.shape[1] * xg.shape[3]
-    mean = xg.sum((1, 3), dtype=compute_dtype(xg)) / m
-    xmu = xg - per_chunk(mean)
-    return mean, (xmu * xmu).sum((1, 3)) / m
+    """Mean and biased variance (G, 1, C, 1) of each chunk and channel of xg (G, V, C, S), in
+    compute dtype, in two passes as batch_moments."""
+    mean = xg.mean((1, 3), keepdim=True, dtype=compute_dtype(xg))
+    xmu = xg - mean
+    return mean, (xmu * xmu).mean((1, 3), keepdim=True)
 
 
-def chunk_normalize(xg: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
-                    bias: Tensor | None) -> Tensor:
-    """y = (x - mean) * rstd * weight + bias for every chunk, with its own mean and rstd (G, C);
-    output (G, V, C, S) in the input's dtype (as normalize)."""
+def chunk_forward(xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ghost batch norm's training forward on a chunk view xg (G, V, C, S): each chunk's mean and
+    biased variance (chunk_stats, with x - mean kept), then
+
+        y = (x - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)
+
+    per chunk. Outputs: y (G, V, C, S) in the input's dtype; mean, var, rstd (G, 1, C, 1) in
+    compute dtype."""
     dtype = compute_dtype(xg)
-    scale = rstd if weight is None else rstd * weight.to(dtype)
-    xmu = xg.to(dtype) - per_chunk(mean)
-    if bias is None:
-        y = xmu * per_chunk(scale)
-    else:
-        y = torch.addcmul(bias.to(dtype)[None, None, :, None], xmu, per_chunk(scale))
-    return y.to(xg.dtype)
+    mean = xg.mean((1, 3), keepdim=True, dtype=dtype)
+    xmu = xg - mean
+    var = (xmu * xmu).mean((1, 3), keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * as_chunk_channel(weight.to(dtype))
+    y = xmu * scale if bias is None else torch.addcmul(as_chunk_channel(bias.to(dtype)), xmu, scale)
+    return y.to(xg.dtype), mean, var, rstd
 
 
 def chunk_backward(dyg: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor | None
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """The closed-form backward of batch norm, chunk by chunk, in one call over the view.
 
-    Inputs: dyg, xhat (G, V, C, S) (xhat in compute dtype), rstd (G, C), weight (C,) or None.
-    Outputs: dx (G, V, C, S, dtype of dy) and dweight, dbias (C,): with each chunk's sums
+    Inputs: dyg, xhat (G, V, C, S) (xhat in compute dtype), rstd (G, 1, C, 1), weight (C,) or
+    None. Outputs: dx (G, V, C, S, dtype of dy) and dweight, dbias (C,): with each chunk's sums
     sum(dy), sum(dy * xhat) over its m = V * S values per channel,
 
         dx = weight * rstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))
@@ -279,12 +286,16 @@ def chunk_backward(dyg: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor | Non
     """
     m = xhat.shape[1] * xhat.shape[3]
     dyc = dyg.to(xhat.dtype)
-    sum_dy = dyc.sum((1, 3))
-    sum_dy_xhat = (dyc * xhat).sum((1, 3))
-    g = rstd if weight is None else rstd * weight.to(xhat.dtype)
-    dx = torch.addcmul(per_chunk(-g * sum_dy / m), xhat, per_chunk(-g * sum_dy_xhat / m))
-    dx = torch.addcmul(dx, dyc, per_chunk(g))
-    return dx.to(dyg.dtype), sum_dy_xhat.sum(0), sum_dy.sum(0)
+    sum_dy = dyc.sum((1, 3), keepdim=True)
+    sum_dy_xhat = (dyc * xhat).sum((1, 3), keepdim=True)
+    g = rstd if weight is None else rstd * as_chunk_channel(weight.to(xhat.dtype))
+    g_m = g * (-1.0 / m)
+    dx = torch.addcmul(sum_dy * g_m, xhat, sum_dy_xhat * g_m)
+    if torch._C._are_functorch_transforms_active():
+        dx = torch.addcmul(dx, dyc, g)  # vmap has no batching rule for addcmul_
+    else:
+        dx = dx.addcmul_(dyc, g)
+    return dx.to(dyg.dtype), sum_dy_xhat.sum((0, 1, 3)), sum_dy.sum((0, 1, 3))
 
 
 def chunk_jvp(dxg: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, xhat: Tensor,
@@ -294,19 +305,18 @@ def chunk_jvp(dxg: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, 
 
         dy = weight * rstd * (dx - mean(dx) - xhat * mean(xhat * dx)) + dweight * xhat + dbias
     """
-    m = xhat.shape[1] * xhat.shape[3]
     dy = torch.zeros_like(xhat)
     if dxg is not None:
         dxc = dxg.to(xhat.dtype)
-        g = rstd if weight is None else rstd * weight.to(xhat.dtype)
-        mean_dx = dxc.sum((1, 3)) / m
-        mean_xhat_dx = (xhat * dxc).sum((1, 3)) / m
-        dy = torch.addcmul(per_chunk(-g * mean_dx), xhat, per_chunk(-g * mean_xhat_dx))
-        dy = torch.addcmul(dy, dxc, per_chunk(g))
+        g = rstd if weight is None else rstd * as_chunk_channel(weight.to(xhat.dtype))
+        mean_dx = dxc.mean((1, 3), keepdim=True)
+        mean_xhat_dx = (xhat * dxc).mean((1, 3), keepdim=True)
+        dy = torch.addcmul(-g * mean_dx, xhat, -g * mean_xhat_dx)
+        dy = torch.addcmul(dy, dxc, g)
     if dweight is not None:
-        dy = torch.addcmul(dy, xhat, dweight.to(xhat.dtype)[None, None, :, None])
+        dy = torch.addcmul(dy, xhat, as_chunk_channel(dweight.to(xhat.dtype)))
     if dbias is not None:
-        dy = dy + dbias.to(xhat.dtype)[None, None, :, None]
+        dy = dy + as_chunk_channel(dbias.to(xhat.dtype))
     return dy
 
 
