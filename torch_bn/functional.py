@@ -272,8 +272,9 @@ def _counted(mask: Tensor) -> int | None:
 
 
 def _check_variant(input: Tensor, training: bool, backward: str, mask: Tensor | None,
-                   virtual_batch_size: int | None) -> None:
-    """Clear errors for a mask or virtual batch size that batch norm cannot use."""
+                   virtual_batch_size: int | None, *, check_count: bool = True) -> None:
+    """Clear errors for a mask or virtual batch size that batch norm cannot use. check_count=False
+    leaves out the count of True positions (synchronized batch norm counts over every rank)."""
     if mask is not None and virtual_batch_size is not None:
         raise ValueError("batch_norm takes mask or virtual_batch_size, not both: ghost batch norm with "
                          "masked statistics is not implemented")
@@ -292,7 +293,7 @@ def _check_variant(input: Tensor, training: bool, backward: str, mask: Tensor | 
         if mask.device != input.device:
             raise ValueError(f"mask is on {mask.device} but the input on {input.device}; move it, "
                              f"e.g. mask.to(input.device)")
-        if training and input.numel() > 0:
+        if training and check_count and input.numel() > 0:
             count = _counted(mask)
             if count is not None and count < 2:
                 raise ValueError(f"masked batch norm needs at least 2 counted values per channel when "
