@@ -3,6 +3,8 @@ against a float64 loop over chunks written from the issue's equations (tests/var
 gradcheck, gradgradcheck and forward AD in float64, V >= N as batch norm, modules and errors."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -38,6 +40,28 @@ def test_matches_float64_reference(shape, v, affine):
         record("ghost grad", g, r)
     record("ghost y", y, y_ref)
     record("ghost running", torch.cat([rm1, rv1]), torch.cat([new_mean, new_var]))
+
+
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 12), v=st.integers(2, 7), c=st.integers(1, 4), tail=st.lists(st.integers(1, 3), max_size=2),
+       seed=st.integers(0, 2**16))
+def test_random_shapes_match_reference(n, v, c, tail, seed):
+    """Any batch size and chunk size that leaves no chunk of one sample, 2D to 4D."""
+    if min(v, n) == 1 or n % min(v, n) == 1:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((n, c, *tail), generator=g, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = torch.randn(c, generator=g, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    y = batch_norm(x, rm, rv, w, None, True, 0.1, EPS, virtual_batch_size=v)
+    y_ref, new_mean, new_var = ghost_reference(x, w, None, EPS, v, torch.zeros(c, dtype=torch.float64),
+                                               torch.ones(c, dtype=torch.float64))
+    torch.testing.assert_close((y, rm, rv), (y_ref, new_mean, new_var), rtol=1e-10, atol=1e-10)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(y_ref, (x, w), dy),
+                               rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (5, 3, 4), (4, 3, 2, 3), (3, 3, 2, 2, 2)])

@@ -3,6 +3,8 @@ mask) against a float64 implementation by boolean indexing (tests/variant_refere
 gradcheck, gradgradcheck and forward AD in float64, all-True and padded masks, modules, errors."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -61,6 +63,38 @@ def test_all_true_is_batch_norm(shape):
     dy = torch.randn(shape, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(y_bn, (x, w, b), dy),
                                rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 8), c=st.integers(1, 4), tail=st.lists(st.integers(1, 3), max_size=2),
+       p=st.floats(0.1, 1.0), seed=st.integers(0, 2**16))
+def test_random_shapes_and_masks_match_reference(n, c, tail, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, c, *tail)
+    mask = torch.rand((n, *tail), generator=g) < p
+    if mask.sum() < 2:
+        return
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).requires_grad_()
+    b = torch.randn(c, generator=g, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    y = batch_norm(x, rm, rv, None, b, True, 0.1, EPS, mask=mask)
+    y_ref, new_mean, new_var = masked_reference(x, None, b, mask, EPS, torch.zeros(c, dtype=torch.float64),
+                                                torch.ones(c, dtype=torch.float64))
+    torch.testing.assert_close((y, rm, rv), (y_ref, new_mean, new_var), rtol=1e-10, atol=1e-10)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, b), dy), torch.autograd.grad(y_ref, (x, b), dy),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_mask_none_is_todays_path():
+    """mask=None takes batch norm's own path: the same autograd node and bitwise the same numbers."""
+    x = torch.randn(50, 100, requires_grad=True)
+    a, b = torch_bn.BatchNorm1d(100), torch_bn.BatchNorm1d(100)
+    y, y_none = a(x), b(x, mask=None)
+    assert type(y.grad_fn) is type(y_none.grad_fn)
+    assert torch.equal(y, y_none) and torch.equal(a.running_var, b.running_var)
+    y2 = batch_norm(x, None, None, training=True, mask=None)
+    assert type(y2.grad_fn) is type(batch_norm(x, None, None, training=True).grad_fn)
 
 
 def test_padded_sequences_are_batch_norm_over_the_unpadded_positions():

@@ -254,9 +254,8 @@ def _lerp_running_stats(running_mean: Tensor | None, running_var: Tensor | None,
     for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
         if running is None:
             new.append(None)
-        elif in_place:
-            with torch.no_grad():
-                new.append(running.lerp_(batch.detach().to(running.dtype), momentum))
+        elif in_place:  # nothing here requires grad, so nothing is recorded (no no_grad() needed)
+            new.append(running.lerp_(batch.detach().to(running.dtype), momentum))
         else:
             new.append(running.detach().lerp(batch.detach().to(running.dtype), _weight_like(momentum, running)))
     return new[0], new[1]

@@ -387,6 +387,11 @@ def convert(module: nn.Module, backward: str = "closed_form", *, to: str = "torc
     converted module is returned (``module`` itself unless it is a BN layer). ``backward`` is the
     torch_bn layers' backward (ignored with ``to="torch"``).
 
+    ``BatchRenorm*`` and ``GhostBatchNorm*`` are left as they are by ``to="torch_bn"`` (they already
+    are torch_bn's, and nn's layers would not say which rmax or virtual_batch_size to use); with
+    ``to="torch"`` they become ``nn.BatchNorm*`` holding the same tensors: the same function in
+    evaluation mode (what export and fusion tools need), plain batch norm if trained further.
+
     Example::
 
         >>> model = torch_bn.convert(torchvision.models.resnet18())
