@@ -152,8 +152,8 @@ class HiddenLayer(NamedTuple):
 
 
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
-_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d, nn.LayerNorm,
-          *(getattr(torch_bn, name) for name in ("BatchRenorm1d", "GhostBatchNorm1d") if hasattr(torch_bn, name)))
+# Batch norms (torch_bn's, its renorm and ghost layers among them, subclass nn's) and layer norm.
+_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d, nn.LayerNorm)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SiLU)
 
 
