@@ -290,3 +290,23 @@ def test_errors():
 
 def test_print_largest_errors():
     print("\nbatch renormalization, max |float64 - reference|:", {k: f"{v:.2g}" for k, v in MAX_ERROR.items()})
+
+
+def test_freeze_fold_and_recalibrate_see_the_evaluation_function():
+    """The toolbox finds the variants by isinstance and uses their evaluation function (plain batch
+    norm with the running statistics), the same for renormalized and ghost layers."""
+    torch.manual_seed(0)
+    for layer in (torch_bn.BatchRenorm1d(4, rmax=1.5, dmax=0.5, dtype=torch.float64),
+                  torch_bn.GhostBatchNorm1d(4, 4, dtype=torch.float64)):
+        model = nn.Sequential(nn.Linear(3, 4, dtype=torch.float64), layer)
+        for _ in range(3):
+            model(torch.randn(8, 3, dtype=torch.float64) * 2 + 1)
+        model.eval()
+        x = torch.randn(5, 3, dtype=torch.float64)
+        want = model(x)
+        torch.testing.assert_close(torch_bn.fold(model)(x), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch_bn.freeze(nn.Sequential(model[0], layer))(x), want, rtol=1e-12, atol=1e-12)
+        batches = [torch.randn(8, 3, dtype=torch.float64) for _ in range(2)]
+        torch_bn.recalibrate(model, batches)
+        h = model[0](torch.cat(batches)).detach()
+        torch.testing.assert_close((layer.running_mean, layer.running_var), (h.mean(0), h.var(0)), rtol=1e-10, atol=1e-10)
