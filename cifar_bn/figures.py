@@ -17,9 +17,31 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-COLORS = {"torch_bn": "#1f77b4", "nn": "#2ca02c", "none": "#d62728"}
+# TensorBoard's run colours (2.x, its default palette): it lists a logdir's runs in the order they
+# started (first event) and gives the i-th PALETTE[i % 7]; a log cannot choose a colour.
+TENSORBOARD_PALETTE = ("#ff7043", "#0077bb", "#cc3311", "#33bbee", "#ee3377", "#009988", "#bbbbbb")
+# The experiments train batch norm first, then none, then nn.BatchNorm1d (COMPARE_ORDER), so these
+# are also the colours of their runs in TensorBoard's charts (a sweep's many runs excepted).
+COMPARE_ORDER = ("torch_bn", "none", "nn")
+COLORS = dict(zip(COMPARE_ORDER, TENSORBOARD_PALETTE))
 LABELS = {"torch_bn": "batch norm (torch_bn)", "nn": "nn.BatchNorm1d", "none": "no normalization"}
-CARD = (6.4, 4.0)  # inches at 100 dpi: 640 x 400 px, the shape of a TensorBoard image card
+COLOR_NAMES = {"#ff7043": "orange", "#0077bb": "blue", "#cc3311": "red"}
+CARD = (5.0, 3.4)  # inches at 100 dpi: 500 x 340 px; the Images dashboard shows it about 340 px wide
+FONT = 13  # points: about 12 px on screen where TensorBoard shrinks the image to its ~340 px card
+
+
+def colour_note(norms: list[str], charts: bool) -> str:
+    """The text card's line on colours; charts: whether TensorBoard's charts use the figures' colours
+    (each norm one run, started in COMPARE_ORDER)."""
+    names = ", ".join(f"{LABELS[n]} {COLOR_NAMES[COLORS[n]]}" for n in norms)
+    if charts:
+        return (f"Colours, in the figures and in TensorBoard's charts (which colour runs in the order they "
+                f"started): {names}.")
+    regex = "/(" + "|".join(norms) + ")$"
+    return (f"Colours: in the figures {names}. TensorBoard colours runs in the order they started and cannot be "
+            f"told a colour, so with this many runs its charts repeat seven colours; to colour them by "
+            f"normalization, open Time Series and, in its runs table, group the colours by the regex `{regex}`.")
+
 
 Panel = Callable[[Axes], None]
 
@@ -28,8 +50,9 @@ def panels(draws: dict[str, Panel]) -> dict[str, Figure]:
     """One card-sized figure per panel: name -> Figure."""
     out = {}
     for name, draw in draws.items():
-        fig, ax = plt.subplots(figsize=CARD, dpi=100)
-        draw(ax)
+        with plt.rc_context({"font.size": FONT}):
+            fig, ax = plt.subplots(figsize=CARD, dpi=100)
+            draw(ax)
         fig.tight_layout()
         out[name] = fig
     return out

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import torch_bn
-from .dashboard import RunLogger, histogram_protos, hparam_values
+from .dashboard import RunLogger, histogram_protos
 from .data import CIFAR10Data
 from .models import hidden_layers
 from .training import (FINAL_LOSS_WINDOW, LOG_EVERY, SUMMARY, TRAIN_ACC_SAMPLES, History, RunExistsError,
@@ -228,9 +228,8 @@ class VectorizedTrainer:
             os.makedirs(d, exist_ok=True)
         self.loggers = [RunLogger(d, purge_step=purge) for d in self.run_dirs]
         if checkpoint is None:
-            for config, d, logger in zip(self.configs, self.run_dirs, self.loggers):
-                logger.start(hparam_values(asdict(config), n, self.device), os.path.basename(os.path.normpath(d)),
-                             run_card(config, n, self.device))
+            for config, logger in zip(self.configs, self.loggers):
+                logger.start(asdict(config), n, self.device, run_card(config, n, self.device))
 
     @property
     def step(self) -> int:
