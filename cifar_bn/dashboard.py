@@ -9,8 +9,12 @@ the epoch), so a resumed run can drop events past its checkpoint with ``purge_st
 - ``layer<i>/...`` per layer, every ``log_every`` iterations: mean and std of the Linear's output
   (``pre_norm``; for a model without normalization, the Linear output feeding the activation) and
   of the batch norm's output (``post_norm``), and the norm of the Linear weight's gradient; per
-  epoch, histograms of those outputs and of the batch norm's parameters and running statistics;
-- the hparams plugin's experiment (the declared hparams and metrics) and session, a text card.
+  epoch, histograms of those outputs and of the batch norm's parameters and running statistics
+  (the running variance as its square root, ``bn_running_std``);
+- the hparams plugin's experiment (every hparam with its domain, and the metrics; the same in
+  every run) and session (no trial id: TensorBoard keys the row by the run's path under the logdir);
+- the custom scalars layout: each layer's pre- and post-norm mean and std on one chart;
+- text cards, and the figures of an experiment (in its first run).
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ HPARAM_DOMAINS: dict[str, hp.Domain | None] = {
 # What the experiments vary, marked `differs`: HParams sorts the declared hparams by `differs`,
 # then by name, and ticks the first five, so these are always shown.
 VARIED = ("norm", "weight_scale", "batch_size")
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")  # each batch norm's, histogrammed per epoch
 HISTOGRAM_BINS = 64  # fixed bins: ~10x cheaper to write than SummaryWriter's default edges, as legible
 # The metrics the HParams tab shows: the last value of these scalar curves (no extra scalars).
 METRICS = (("accuracy/best_val", "best val acc"), ("accuracy/val", "final val acc"),
@@ -88,6 +93,15 @@ def hparam_values(config: dict[str, Any], num_train: int, device: str) -> dict[s
     return out
 
 
+def bn_histogram(name: str, values: Tensor) -> tuple[str, Tensor]:
+    """The tag (after ``layer<i>/``) and values of the histogram of a batch norm's tensor ``name``:
+    running_var as its square root, ``bn_running_std``, on the scale of ``pre_norm_std`` (variances
+    up to 1e5 give tick labels that overlap); the others as they are, ``bn_<name>``."""
+    if name == "running_var":
+        return "bn_running_std", values.clamp_min(0).sqrt()
+    return f"bn_{name}", values
+
+
 def hparams_config_pb() -> Summary:
     """The hparams plugin's experiment: every hparam of HPARAM_DOMAINS with its domain, the
     VARIED ones marked ``differs``, and METRICS; the same for every run."""
@@ -99,12 +113,12 @@ def hparams_config_pb() -> Summary:
         else:
             info.type = api_pb2.DATA_TYPE_STRING
         infos.append(info)
-    experiment = api_pb2.Experiment(hparam_infos=infos, time_created_secs=time.time(),
-                                    metric_infos=[hp.Metric(tag, display_name=name).as_proto()
-                                                  for tag, name in METRICS])
+    metrics = [hp.Metric(tag, display_name=name).as_proto() for tag, name in METRICS]
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
     summary = Summary()
     summary.value.add(tag=hp_metadata.EXPERIMENT_TAG, tensor=hp_metadata.NULL_TENSOR,
-                      metadata=hp_metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(experiment=experiment)))
+                      metadata=hp_metadata.create_summary_metadata(
+                          plugin_data_pb2.HParamsPluginData(experiment=experiment)))
     return summary
 
 
@@ -250,11 +264,11 @@ class RunLogger:
         for (i, name), out in sorted(probe.outputs.items()):
             self.writer.add_histogram(f"layer{i}/{name}", out.float().cpu(), step, bins=HISTOGRAM_BINS)
         for i, layer in enumerate(probe.layers, 1):
-            for name in ("weight", "bias", "running_mean", "running_var"):
+            for name in BN_TENSORS:
                 t = getattr(layer.norm, name, None)
                 if t is not None:
-                    self.writer.add_histogram(f"layer{i}/bn_{name}", t.detach().float().cpu(), step,
-                                              bins=HISTOGRAM_BINS)
+                    tag, values = bn_histogram(name, t.detach().float().cpu())
+                    self.writer.add_histogram(f"layer{i}/{tag}", values, step, bins=HISTOGRAM_BINS)
 
     def epoch_scalars(self, step: int, lr: float, epoch_loss: float | None, best_val_acc: float) -> None:
         """The per-epoch scalars of :meth:`epoch`: lr, best val accuracy so far, the epoch's mean loss."""

@@ -42,15 +42,16 @@ CARDS = {
             "`deep/*`. Custom Scalars, `layer i`: the signal shrinks layer by layer without BN.",
     "weight-scale": "**Weight scale** (the notebook's section 3): an 8-layer MLP at weight-init scales 1e-4 to "
                     "1, with and without batch norm, one run each (`ws<scale>/<norm>`, one HParams row each). "
-                    "Without BN only a narrow band of scales trains; with BN every scale does. `weight_scale/*`: accuracy and "
-                    "loss against the scale. `activation_std/*`: each hidden layer's output std at init "
+                    "Without BN only a narrow band of scales trains; with BN every scale does. `weight_scale/*`: "
+                    "accuracy and loss against the scale. `activation_std/*`: each hidden layer's output std at init "
                     "(dashed) and after training (solid) at a tiny, the baseline's best and a large scale: flat "
                     "with BN, vanishing or exploding without. The figures are in this run (Images).",
 }
 
 
 def compare(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True, resume: bool = False,
-            norms: tuple[str, ...] = COMPARE_ORDER, log_every: int = LOG_EVERY, name: str = "compare") -> dict[str, dict]:
+            norms: tuple[str, ...] = COMPARE_ORDER, log_every: int = LOG_EVERY,
+            name: str = "compare") -> dict[str, dict]:
     """Train the same config once per norm, from identical initial Linear weights and batch order
     (each run seeds the same generators), into root/<norm>, in the order of norms (so that
     TensorBoard gives each its colour in the figures, COLORS); writes the loss and accuracy curves of

@@ -240,7 +240,8 @@ def test_dashboards_of_the_readme_commands(tiny_cifar, tmp_path):
     pre- and post-norm statistics."""
     logdir = str(tmp_path / "runs")
     common = ["--data-dir", tiny_cifar, "--logdir", logdir, "--epochs", "1", "--num-train", "100",
-              "--batch-size", "10", "--hidden-dims", "8,8", "--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
+              "--batch-size", "10", "--hidden-dims", "8,8", "--no-verify", "--num-val", "20", "--num-test", "20",
+              "--quiet"]
     launches = {"cmp": ["--compare"], "deep": ["--experiment", "deep"],
                 "ws": ["--experiment", "weight-scale", "--num-scales", "2"],
                 "wsv": ["--experiment", "weight-scale", "--num-scales", "2", "--vectorized"]}

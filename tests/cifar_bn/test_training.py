@@ -205,7 +205,7 @@ def test_compare_cli_dashboards_and_summaries(tiny_cifar, tmp_path):
         histograms = {"layer1/pre_norm", "layer2/pre_norm"}
         if norm != "none":
             histograms |= {"layer1/post_norm", "layer1/bn_weight", "layer1/bn_bias", "layer1/bn_running_mean",
-                           "layer2/bn_running_var"}
+                           "layer2/bn_running_std"}
         assert histograms <= set(tags["histograms"])
         assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
         assert not [t for t in tags["scalars"] if t.startswith("hparam")]

@@ -143,7 +143,7 @@ def test_vectorized_dashboards_equal_sequential(tiny_cifar, tmp_path, monkeypatc
         # Per-epoch histograms: the same tags and steps, the same number of values, the same range and sum.
         assert sorted(a.Tags()["histograms"]) == sorted(b.Tags()["histograms"])
         assert any(t.endswith("/pre_norm") for t in a.Tags()["histograms"])
-        assert any(t.endswith("/bn_running_var") for t in a.Tags()["histograms"]) == (c.norm == "torch_bn")
+        assert any(t.endswith("/bn_running_std") for t in a.Tags()["histograms"]) == (c.norm == "torch_bn")
         for tag in a.Tags()["histograms"]:
             ha, hb = a.Histograms(tag), b.Histograms(tag)
             assert [e.step for e in ha] == [e.step for e in hb], tag
