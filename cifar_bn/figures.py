@@ -35,12 +35,14 @@ def colour_note(norms: list[str], charts: bool) -> str:
     (each norm one run, started in COMPARE_ORDER)."""
     names = ", ".join(f"{LABELS[n]} {COLOR_NAMES[COLORS[n]]}" for n in norms)
     if charts:
-        return (f"Colours, in the figures and in TensorBoard's charts (which colour runs in the order they "
-                f"started): {names}.")
+        return (f"Colours: {names}, in the figures and in the Scalars, Custom Scalars, Images and Histograms "
+                f"charts (TensorBoard colours runs in the order they started; a log cannot choose a colour). "
+                f"Time Series picks its own colours: set them with the palette in its runs table.")
     regex = "/(" + "|".join(norms) + ")$"
-    return (f"Colours: in the figures {names}. TensorBoard colours runs in the order they started and cannot be "
-            f"told a colour, so with this many runs its charts repeat seven colours; to colour them by "
-            f"normalization, open Time Series and, in its runs table, group the colours by the regex `{regex}`.")
+    return (f"Colours: in the figures {names}. TensorBoard colours runs in the order they started and a log "
+            f"cannot choose a colour, so with this many runs its charts repeat seven colours; to colour them by "
+            f"normalization, open Time Series and colour its runs by the regex `{regex}` (the palette in its "
+            f"runs table).")
 
 
 Panel = Callable[[Axes], None]
@@ -110,7 +112,7 @@ def curve_draws(histories: dict[str, dict]) -> dict[str, Panel]:
             ax.legend(loc="best")
         return draw
 
-    return {"loss": loss, "train_accuracy": accuracy("train_acc", "Training accuracy (1,000-image sample)"),
+    return {"loss": loss, "train_accuracy": accuracy("train_acc", "Training accuracy (1,000 images)"),
             "val_accuracy": accuracy("val_acc", "Validation accuracy")}
 
 
