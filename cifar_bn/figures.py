@@ -124,15 +124,15 @@ def weight_scale_draws(scales: list[float], results: dict[str, list[dict]]) -> d
         def draw(ax: Axes) -> None:
             for norm, summaries in results.items():
                 ax.semilogx(scales, [s[key] for s in summaries], "-o", color=COLORS[norm], label=LABELS[norm])
-            ax.set(title=f"{ylabel} vs weight init scale", xlabel="weight initialization scale", ylabel=ylabel)
+            ax.set(title=f"{ylabel} vs init scale", xlabel="weight initialization scale", ylabel=ylabel)
             if key == "final_loss":
                 ax.set_ylim(1.0, 3.5)  # as the notebook: diverged runs (huge loss) go off the top
             ax.legend(loc="best")
         return draw
 
-    return {"best_val_acc": panel("best_val_acc", "Best val accuracy"),
-            "best_train_acc": panel("best_train_acc", "Best training accuracy"),
-            "final_loss": panel("final_loss", "Final training loss")}
+    return {"best_val_acc": panel("best_val_acc", "Best val acc"),
+            "best_train_acc": panel("best_train_acc", "Best train acc"),
+            "final_loss": panel("final_loss", "Final loss")}
 
 
 def activation_std_draws(runs: dict[str, tuple[float, dict[str, dict]]]) -> dict[str, Panel]:
@@ -149,7 +149,7 @@ def activation_std_draws(runs: dict[str, tuple[float, dict[str, dict]]]) -> dict
                             label=f"{LABELS[norm]}, init")
                 ax.semilogy(depth, stds["final"], "-o", markersize=4, color=COLORS[norm],
                             label=f"{LABELS[norm]}, trained")
-            ax.set(title=title, xlabel="hidden layer (depth)", ylabel="std of the layer's output (after ReLU)")
+            ax.set(title=title, xlabel="hidden layer (depth)", ylabel="output std (after ReLU)")
             ax.set_xticks(depth)
             ax.legend(loc="best", fontsize="small")
         return draw
