@@ -13,9 +13,11 @@
 
 #include "kernels.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 
 namespace torch_bn_cpp {
@@ -48,6 +50,27 @@ Tensor channel_vector(const std::optional<Tensor>& v, at::ScalarType dtype) {
   return v.has_value() && v->defined() ? v->to(dtype).contiguous() : Tensor();
 }
 
+// running = lerp(running, factor * batch, momentum), computed as ATen's lerp_ computes it (in the
+// buffer's dtype, the weight's two branches) after batch * factor in the op-math dtype, as the
+// Python paths do with tensor ops; a loop over C values when the buffer is a contiguous float or
+// double vector in the op-math dtype (the usual case: no dispatch per op), else those tensor ops.
+void update_running(Tensor& running, const Tensor& batch, double factor, double momentum) {
+  if (!(running.is_contiguous() && running.scalar_type() == batch.scalar_type() &&
+        (running.scalar_type() == at::kFloat || running.scalar_type() == at::kDouble))) {
+    running.lerp_((factor == 1.0 ? batch : batch.mul(factor)).to(running.scalar_type()), momentum);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "torch_bn_cpp::update_running", [&] {
+    scalar_t* r = running.mutable_data_ptr<scalar_t>();
+    const scalar_t* b = batch.const_data_ptr<scalar_t>();
+    const scalar_t f = static_cast<scalar_t>(factor), w = static_cast<scalar_t>(momentum);
+    for (int64_t c = 0; c < running.numel(); ++c) {
+      const scalar_t end = factor == 1.0 ? b[c] : b[c] * f;
+      r[c] = std::abs(w) < scalar_t(0.5) ? r[c] + w * (end - r[c]) : end - (end - r[c]) * (scalar_t(1) - w);
+    }
+  });
+}
+
 // The forward, then (where given) the running statistics move towards the batch's, as in
 // F.batch_norm: running = lerp(running, batch, momentum), with the unbiased batch variance.
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
@@ -67,12 +90,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   const Tensor &mean = std::get<1>(result), &var = std::get<2>(result);
   if (running_mean.has_value() && running_mean->defined()) {
     Tensor rm = *running_mean;
-    rm.lerp_(mean.to(rm.scalar_type()), momentum);
+    update_running(rm, mean, 1.0, momentum);
   }
   if (running_var.has_value() && running_var->defined()) {
     Tensor rv = *running_var;
     const double m = static_cast<double>(x.numel() / x.size(1));
-    rv.lerp_(var.mul(m / (m - 1)).to(rv.scalar_type()), momentum);
+    update_running(rv, var, m / (m - 1), momentum);
   }
   return result;
 }
