@@ -25,7 +25,7 @@ def main() -> int:
               f"(pip install ninja). Without it torch_bn still runs, slower per call on CPU.", file=sys.stderr)
         return 1
     if seconds is None:
-        print(f"torch_bn: the compiled CPU op is already built: {library} (loaded in {time.perf_counter() - start:.2f} s)")
+        print(f"torch_bn: the compiled CPU op is already built: {library} (ready after {time.perf_counter() - start:.2f} s)")
     else:  # the build's own lines on stderr said how long it took
         print(f"torch_bn: the compiled CPU op is ready: {library} (built in {seconds:.0f} s)")
     if not cpp.ENABLED:
