@@ -3,12 +3,13 @@
 The library needs only torch (Triton, where installed, for the CUDA kernels). The CIFAR-10
 application that trains with it is the separate package ``cifar_bn``.
 """
-from . import func, functional, ops
+from . import dispatch, func, functional, ops
+from .dispatch import use_path
 from .function import BatchNormFunction
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
                       LazyBatchNorm3d, convert)
 from .sync_batchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
-           "LazyBatchNorm2d", "LazyBatchNorm3d", "convert", "func", "functional", "ops",
+           "LazyBatchNorm2d", "LazyBatchNorm3d", "convert", "dispatch", "func", "functional", "ops", "use_path",
            "SyncBatchNorm", "convert_sync_batchnorm", "DistributedDataParallel"]

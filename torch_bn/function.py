@@ -1,107 +1,29 @@
 """``BatchNormFunction``: training-mode batch norm as a custom autograd Function.
 
-Forward and backward are the hand-written math of :mod:`torch_bn.ops` (the reference). Where
-that is safe, the same math runs faster: :func:`choose_path` holds the one rule that picks
-between the reference ops, the slab-fused tensor ops of :mod:`torch_bn.fused` (CPU), the
-Triton kernels of :mod:`torch_bn.triton_kernels` (CUDA), for the forward and the backward alike,
-and, for a whole small CPU layer, the compiled op of :mod:`torch_bn.cpp`.
-The Function uses the ``forward`` + ``setup_context`` style so that it composes with
-torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
+This Python Function is the autograd node of every training-mode torch_bn call, on every path:
+``type(y.grad_fn)`` is ``BatchNormFunctionBackward`` (``CompiledBatchNormFunctionBackward``
+under ``torch.compile``). Its forward and backward ask :func:`torch_bn.dispatch.choose_path` for
+their bodies: the readable math of :mod:`torch_bn.ops` (the reference, and what
+``torch_bn.use_path("reference")`` / ``TORCH_BN_PATH=reference`` runs everywhere), the compiled
+CPU ops of :mod:`torch_bn.cpp`, the slab-fused tensor ops of :mod:`torch_bn.fused` (CPU), or the
+Triton kernels of :mod:`torch_bn.triton_kernels` (CUDA). Each body returns the same y and
+statistics (forward) and the same closed-form gradients (backward); double backward records the
+reference ops, which are differentiable.
+
+The Function uses the ``forward`` + ``setup_context`` style so that it composes with torch.func
+transforms (``generate_vmap_rule``) and ``torch.compile``. Its siblings: ``CompiledBatchNormFunction``
+below (the same Function without ``jvp``, for code torch.compile traces), and
+``torch_bn.sync_batchnorm.SyncBatchNormFunction``, kept beside the distributed code it needs: its
+forward and backward exchange statistics and gradient sums between ranks (collectives between the
+reductions, so none of the single-process bodies here can serve it), and it always runs the
+reference math of :mod:`torch_bn.ops`.
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
-import torch.autograd.forward_ad
 from torch import Tensor
 
-from . import cpp, fused, ops
-
-TRITON_ON_CPU = False  # tests set this (with TRITON_INTERPRET=1) to run the kernels on CPU tensors
-# TORCH_BN_TRITON=0 in the environment (or USE_TRITON = False) keeps CUDA tensors on the tensor-op
-# paths: an escape hatch should the kernels misbehave on some GPU, and a baseline to compare with.
-USE_TRITON = os.environ.get("TORCH_BN_TRITON", "1") != "0"
-# Below this size the fused path's bookkeeping (a dozen small per-channel ops, the one-pass check)
-# costs more than the full-size temporaries of the reference ops it avoids (forward+backward,
-# 2-core CPU: 100x500 0.51 vs 0.71 ms, 512x512 1.95 vs 1.31 ms).
-FUSED_MIN_ELEMENTS = 1 << 17
-# The kernels compute in float32: float64 input keeps its precision on the tensor-op paths.
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-PATHS = ("reference", "fused", "triton", "cpp")
-
-_kernels = None  # torch_bn.triton_kernels once imported, False where it cannot be
-
-
-def _triton_kernels():
-    """The Triton kernels module, imported on first use (importing Triton is slow); None where
-    Triton is missing or the kernels cannot be registered on this PyTorch (one warning)."""
-    global _kernels
-    if _kernels is None:
-        try:
-            from . import triton_kernels as _kernels
-        except ImportError as e:
-            if (getattr(e, "name", None) or "").split(".")[0] != "triton":  # no Triton: normal on CPU
-                warnings.warn(f"torch_bn: the Triton kernels cannot be imported ({e}); CUDA tensors "
-                              f"take the tensor-op path", RuntimeWarning, stacklevel=3)
-            _kernels = False
-        except Exception as e:  # e.g. a PyTorch whose custom-op registration rejects the kernels
-            warnings.warn(f"torch_bn: the Triton kernels cannot be registered ({type(e).__name__}: {e}); "
-                          f"CUDA tensors take the tensor-op path", RuntimeWarning, stacklevel=3)
-            _kernels = False
-    return _kernels or None
-
-
-def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = False, layer: bool = False) -> str:
-    """Which implementation computes this call: "reference", "fused", "triton" or "cpp".
-
-    Forward and backward both ask; x is the input (saved x in the backward). ``layer``: the caller
-    can hand over the whole training-mode layer (forward, backward and running-statistics update:
-    :func:`torch_bn.functional.batch_norm`), which only the compiled op "cpp" takes; for any other
-    answer it runs :class:`BatchNormFunction`, which asks again. The first row that matches decides:
-
-    ===========================================  ===========  ==========================================
-    condition                                    path         why
-    ===========================================  ===========  ==========================================
-    backward with ``staged`` (node-by-node)      reference    it exists to be read and compared
-    double backward (autograd recording)         reference    only the reference ops are differentiable
-    torch.func transform active (vmap, grad...)  reference    fast paths write into their own buffers
-    Triton switched on (``USE_TRITON``), CUDA    triton       one kernel sweep per pass
-    tensor, float32/float16/bfloat16, kernels
-    importable
-    ``torch.compile`` tracing                    reference    the compiler fuses the ops itself
-    ``layer``, CPU tensor (not a subclass),      cpp          one C++ call per forward and per backward,
-    ``x.numel() < FUSED_MIN_ELEMENTS``, no       (whole       no Python: small inputs cost per-call
-    forward-mode AD level, the op built          layer)       overhead, not arithmetic
-    (``torch_bn.cpp.op()``)
-    ``x.numel() >= FUSED_MIN_ELEMENTS``          fused        fewer trips through memory
-    otherwise (small inputs, float64 on CUDA)    reference    fewer, larger ops cost less there
-    ===========================================  ===========  ==========================================
-
-    The fused paths write into buffers they allocate (out=, in place) in a Python loop over
-    slabs: under torch.func transforms those would be wrapped tensors, and torch.compile would
-    unroll the loop. Transforms and compilation are checked before the size, so that the
-    compiler sees no size test to guard on. The Triton kernels are custom ops, opaque to
-    torch.compile, so compiled CUDA code still calls them. The compiled CPU op is a C++ autograd
-    node: it has no forward-mode derivative (dual tensors take the Function, which has one where
-    the reference ops do), and when its backward is recorded for double backward it runs the
-    closed form as differentiable ATen ops.
-    """
-    if staged or double_backward or torch._C._are_functorch_transforms_active():
-        return "reference"
-    if USE_TRITON and (x.is_cuda or TRITON_ON_CPU) and x.dtype in TRITON_DTYPES:
-        kernels = _triton_kernels()
-        if kernels is not None and kernels.supports(x):
-            return "triton"
-    if torch.compiler.is_compiling():
-        return "reference"
-    small = x.numel() < FUSED_MIN_ELEMENTS
-    if (layer and small and x.is_cpu and type(x) is torch.Tensor
-            and torch.autograd.forward_ad._current_level < 0 and cpp.op() is not None):
-        return "cpp"
-    return "reference" if small else "fused"
+from . import cpp, dispatch, fused, ops
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -121,7 +43,10 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 backward: str = "closed_form") -> tuple[Tensor, Tensor, Tensor]:
-        path = choose_path(x)
+        path = dispatch.choose_path(x)
+        if path == "cpp":
+            y, mean, var, _rstd = cpp.op().forward(x, weight, bias, eps)
+            return y, mean, var
         if path == "triton":
             return tuple(torch.ops.torch_bn.triton_forward(x, weight, bias, eps))
         if path == "fused":
@@ -139,6 +64,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.save_for_forward(x, weight, mean, var)
         ctx.eps = eps
         ctx.backward = backward
+        ctx.reference = dispatch.current_path() == "reference"
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -152,22 +78,26 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, mean, var = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         double_backward = torch.is_grad_enabled()
-        if double_backward:
-            # mean and var are functions of x: recompute them with differentiable ops
-            # instead of using the forward's constants.
-            mean, var = ops.batch_stats(x)
+        path = dispatch.choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward,
+                                    reference=ctx.reference)
         rstd = torch.rsqrt(var + ctx.eps)
-        path = choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward)
-        if path == "triton":
+        if path == "cpp":
+            dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, need_x)
+        elif path == "triton":
             dx, dweight, dbias = torch.ops.torch_bn.triton_backward(dy, x, mean, rstd, weight)
         elif path == "fused":
             dx, dweight, dbias = fused.closed_form_backward(dy, x, mean, rstd, weight)
         else:
+            if double_backward:
+                # mean and var are functions of x: recompute them with differentiable ops
+                # instead of using the forward's constants.
+                mean, var = ops.batch_stats(x)
+                rstd = torch.rsqrt(var + ctx.eps)
             xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
             impl = ops.closed_form_backward if ctx.backward == "closed_form" else ops.staged_backward
             dx, dweight, dbias = impl(dy, xhat, rstd, weight)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
             dweight.to(weight.dtype) if need_w else None,
@@ -183,4 +113,3 @@ class CompiledBatchNormFunction(BatchNormFunction):
     code has reverse-mode AD only. Eager code, torch.func and forward_ad use BatchNormFunction."""
 
     jvp = staticmethod(torch.autograd.Function.jvp)
-

@@ -1,9 +1,9 @@
 """``torch_bn.functional.batch_norm``: the drop-in for ``torch.nn.functional.batch_norm``.
 
-Training mode goes through :class:`~torch_bn.function.BatchNormFunction`, or, for small CPU
-inputs (``choose_path(..., layer=True) == "cpp"``), the whole layer through the compiled op of
-:mod:`torch_bn.cpp`; evaluation mode is a plain per-channel affine map built from tensor ops, so
-autograd differentiates it (w.r.t. input, weight and bias) without a custom backward.
+Training mode goes through :class:`~torch_bn.function.BatchNormFunction` (whose bodies
+:func:`torch_bn.dispatch.choose_path` picks), then updates the running statistics; evaluation
+mode is a plain per-channel affine map built from tensor ops, so autograd differentiates it
+(w.r.t. input, weight and bias) without a custom backward.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import cpp, ops
-from .function import BatchNormFunction, CompiledBatchNormFunction, choose_path
+from . import ops
+from .function import BatchNormFunction, CompiledBatchNormFunction
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
@@ -124,7 +124,9 @@ def batch_norm(
         return input.clone()
     check_input(input, training, eps, running_mean, running_var, weight, bias)
     if not training:
-        # The running statistics are constants here, as in PyTorch: no gradient, no tangent.
+        # The running statistics are constants here, as in PyTorch: no gradient, and no tangent
+        # (a tangent on them is refused, as F.batch_norm refuses it).
+        _check_no_running_tangents(input, running_mean, running_var)
         dtype = ops.compute_dtype(input)
         return ops.normalize(input, running_mean.detach().to(dtype),
                              torch.rsqrt(running_var.detach().to(dtype) + eps), weight, bias)
@@ -134,10 +136,6 @@ def batch_norm(
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias)
 
-    if choose_path(input, staged=backward == "staged", layer=True) == "cpp":
-        # The whole layer in one compiled call: the same statistics and y, the same lerp_ of the
-        # running statistics as below, and the closed-form backward as a C++ autograd node.
-        return cpp.op()(input, weight, bias, running_mean, running_var, momentum, eps)
     function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
     y, mean, var = function.apply(input, weight, bias, eps, backward)
     with torch.no_grad():
@@ -212,6 +210,21 @@ def batch_norm_stateless(
         new_var = running_var.detach().lerp((var.detach() * (m / (m - 1))).to(running_var.dtype),
                                             _weight_like(momentum, running_var))
     return y, new_mean, new_var
+
+
+def _check_no_running_tangents(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """PyTorch's refusal (same message, a RuntimeError) of forward-mode tangents on the running
+    statistics where the input has one too (F.batch_norm's forward derivative runs only then):
+    batch norm is not differentiable with respect to them."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level open: no tangents anywhere
+        return
+    if torch.autograd.forward_ad.unpack_dual(input).tangent is None:
+        return
+    for t in (running_mean, running_var):
+        if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+                               "have forward grad defined; pass them without tangents (e.g. detach them, or "
+                               "leave them out of the dual inputs)")
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

@@ -1,5 +1,6 @@
-// The compiled CPU kernels' interface: the boundary between the op layer (ops.cpp) and the loops
-// (kernels.cpp). Training mode only; the autograd node is torch_bn's Python Function.
+// The compiled CPU kernels' interface: the boundary between the op layer (ops.cpp: schemas,
+// checks, the torch.library registrations) and the loops (kernels.cpp). Agreed between issue 17
+// (the op layer) and issue 18 (faster loops behind the same declarations).
 #pragma once
 
 #include <ATen/ATen.h>
