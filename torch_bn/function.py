@@ -33,7 +33,8 @@ class BatchNormFunction(torch.autograd.Function):
     backward: "closed_form" (default formula) or "staged" (node-by-node).
     Outputs: y like x; the batch mean and biased variance (C,) in compute dtype, which are not
     differentiable (callers use them to update running statistics).
-    Saves for backward (and for jvp): x, weight, mean and var; nothing of x's size beyond x.
+    Saves for backward (and for jvp): x, weight, mean and rstd = 1 / sqrt(var + eps); nothing of
+    x's size beyond x.
     Forward-mode AD (``jvp``: torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian)
     gives y's tangent in closed form; mean and var carry no tangent (non-differentiable).
     """
@@ -45,7 +46,7 @@ class BatchNormFunction(torch.autograd.Function):
                 backward: str = "closed_form") -> tuple[Tensor, Tensor, Tensor]:
         path = dispatch.choose_path(x)
         if path == "cpp":
-            y, mean, var, _rstd = cpp.op().forward(x, weight, bias, eps)
+            y, mean, var, _rstd = cpp.op().forward(x, weight, bias, None, None, 0.0, eps)
             return y, mean, var
         if path == "triton":
             return tuple(torch.ops.torch_bn.triton_forward(x, weight, bias, eps))
@@ -60,8 +61,9 @@ class BatchNormFunction(torch.autograd.Function):
         _y, mean, var = output
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.save_for_forward(x, weight, mean, var)
+        rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
         ctx.eps = eps
         ctx.backward = backward
         ctx.reference = dispatch.current_path() == "reference"
@@ -69,20 +71,19 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _eps, _backward):
-        x, weight, mean, var = ctx.saved_tensors
-        dy = ops.training_jvp(dx, dweight, dbias, x, mean, torch.rsqrt(var + ctx.eps), weight)
+        x, weight, mean, rstd = ctx.saved_tensors
+        dy = ops.training_jvp(dx, dweight, dbias, x, mean, rstd, weight)
         return dy, None, None
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, _dmean, _dvar):
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         double_backward = torch.is_grad_enabled()
         path = dispatch.choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward,
                                     reference=ctx.reference)
-        rstd = torch.rsqrt(var + ctx.eps)
         if path == "cpp":
             dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, need_x)
         elif path == "triton":
@@ -100,11 +101,78 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dweight, dbias = impl(dy, xhat, rstd, weight)
         return (
             dx if need_x else None,
-            dweight.to(weight.dtype) if need_w else None,
-            dbias.to(ctx.bias_dtype) if need_b else None,
+            _as_dtype(dweight, weight.dtype) if need_w else None,
+            _as_dtype(dbias, ctx.bias_dtype) if need_b else None,
             None,
             None,
         )
+
+
+class EagerBatchNormFunction(BatchNormFunction):
+    """y = EagerBatchNormFunction.apply(x, weight, bias, eps, backward, running_mean, running_var, momentum)
+
+    BatchNormFunction for eager calls outside torch.func transforms (what
+    torch_bn.functional.batch_norm and the modules run there), in the classic
+    ``forward(ctx, ...)`` style, with the running-statistics update folded in. Two reasons, both
+    per-call cost at the MLP's (50, 100), where the compiled forward itself takes ~10 us:
+
+    - for a Function with ``setup_context``, ``apply`` binds its arguments to ``forward``'s
+      signature with ``inspect`` on every call (tens of microseconds); this style skips that;
+    - the compiled forward op updates running_mean and running_var in the same C++ call
+      (three tensor ops fewer from Python).
+
+    The bodies are BatchNormFunction's (its forward for every path but the compiled op, whose
+    call differs only by the running statistics) and its backward and jvp run unchanged, so a
+    breakpoint or an edit in BatchNormFunction, or in torch_bn/ops.py, takes effect here too.
+    torch.func transforms need the ``setup_context`` style: there BatchNormFunction runs.
+    Inputs as BatchNormFunction's, plus running_mean, running_var (C,) or None, updated in place
+    (the unbiased batch variance for running_var) by momentum. Output: y alone.
+    """
+
+    generate_vmap_rule = False
+    setup_context = staticmethod(torch.autograd.Function.setup_context)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
+                running_mean: Tensor | None, running_var: Tensor | None, momentum: float) -> Tensor:
+        if dispatch.choose_path(x) == "cpp":
+            y, mean, _var, rstd = cpp.op().forward(x, weight, bias, running_mean, running_var, momentum, eps)
+        else:
+            y, mean, var = BatchNormFunction.forward(x, weight, bias, eps, backward)
+            update_running_stats(running_mean, running_var, mean, var, x, momentum)
+            rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        if torch.autograd.forward_ad._current_level >= 0:  # jvp runs only within a dual level
+            ctx.save_for_forward(x, weight, mean, rstd)
+        ctx.eps = eps
+        ctx.backward = backward
+        ctx.reference = dispatch.current_path() == "reference"
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):
+        return BatchNormFunction.jvp(ctx, dx, dweight, dbias, None, None)[0]
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None):
+        return BatchNormFunction.backward(ctx, dy, None, None) + (None, None, None)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+                         x: Tensor, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place, as F.batch_norm (lerp: one op
+    per buffer), with the unbiased batch variance for running_var; mean and var (biased) of x."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        if running_var is not None:
+            m = x.numel() // x.shape[1]
+            running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
 
 
 class CompiledBatchNormFunction(BatchNormFunction):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .function import BatchNormFunction, CompiledBatchNormFunction
+from . import function as _function
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
@@ -136,16 +136,15 @@ def batch_norm(
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias)
 
-    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
-    y, mean, var = function.apply(input, weight, bias, eps, backward)
-    with torch.no_grad():
-        # running = (1 - momentum) * running + momentum * batch, as lerp: one op per buffer.
-        if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        if running_var is not None:
-            m = input.numel() // input.shape[1]
-            running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
-    return y
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # The setup_context-style Functions (torch.compile traces CompiledBatchNormFunction).
+        function = _function.CompiledBatchNormFunction if torch.compiler.is_compiling() else _function.BatchNormFunction
+        y, mean, var = function.apply(input, weight, bias, eps, backward)
+        _function.update_running_stats(running_mean, running_var, mean, var, input, momentum)
+        return y
+    # Eager: the same Function's bodies, the running statistics updated inside (one call).
+    return _function.EagerBatchNormFunction.apply(input, weight, bias, eps, backward, running_mean, running_var,
+                                                  momentum)
 
 
 def batch_norm_stateless(
@@ -199,7 +198,7 @@ def batch_norm_stateless(
         # running statistics come back unchanged.
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias), running_mean, running_var
-    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    function = _function.CompiledBatchNormFunction if torch.compiler.is_compiling() else _function.BatchNormFunction
     y, mean, var = function.apply(input, weight, bias, eps, backward)
     m = input.numel() // input.shape[1]
     new_mean = new_var = None

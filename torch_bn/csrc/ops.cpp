@@ -48,13 +48,33 @@ Tensor channel_vector(const std::optional<Tensor>& v, at::ScalarType dtype) {
   return v.has_value() && v->defined() ? v->to(dtype).contiguous() : Tensor();
 }
 
+// The forward, then (where given) the running statistics move towards the batch's, as in
+// F.batch_norm: running = lerp(running, batch, momentum), with the unbiased batch variance.
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
-                                                       const std::optional<Tensor>& bias, double eps) {
+                                                       const std::optional<Tensor>& bias,
+                                                       const std::optional<Tensor>& running_mean,
+                                                       const std::optional<Tensor>& running_var, double momentum,
+                                                       double eps) {
   constexpr const char* op = "torch_bn_cpp::batch_norm_forward";
   check_cpu(op, x);
   check_input(op, x, weight, bias);
+  for (const auto* v : {&running_mean, &running_var}) {
+    TORCH_CHECK(!v->has_value() || !(*v)->defined() || (*v)->numel() == x.size(1), op, ": a running statistic has ",
+                (*v)->numel(), " elements but the input has ", x.size(1), " channels (dim 1)");
+  }
   const auto acc = at::toOpMathType(x.scalar_type());
-  return forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc), eps);
+  auto result = forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc), eps);
+  const Tensor &mean = std::get<1>(result), &var = std::get<2>(result);
+  if (running_mean.has_value() && running_mean->defined()) {
+    Tensor rm = *running_mean;
+    rm.lerp_(mean.to(rm.scalar_type()), momentum);
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    Tensor rv = *running_var;
+    const double m = static_cast<double>(x.numel() / x.size(1));
+    rv.lerp_(var.mul(m / (m - 1)).to(rv.scalar_type()), momentum);
+  }
+  return result;
 }
 
 void check_backward(const char* op, const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd) {
@@ -89,7 +109,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const Tensor& 
 
 TORCH_LIBRARY(torch_bn_cpp, m) {
   // y, mean, biased var, rstd = 1 / sqrt(var + eps); the statistics (C,) in the op-math dtype.
-  m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // running_mean / running_var, where given, are updated in place (lerp by momentum).
+  m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // dx (empty when not need_dx), dweight = sum(dy * xhat), dbias = sum(dy).
   m.def("batch_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
