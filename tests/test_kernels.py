@@ -73,6 +73,11 @@ def equations(x, w, b, dy):
     return (y.detach(), x64.mean(dims), x64.var(dims, correction=0), *grads)
 
 
+def forward(ops, x, w, b):
+    """y, mean, var, rstd of the forward op (no running statistics)."""
+    return ops.forward(x, w, b, None, None, 0.1, EPS)
+
+
 def ulp(dtype):
     return torch.finfo(dtype).eps
 
@@ -81,7 +86,7 @@ def ulp(dtype):
 @pytest.mark.parametrize("shape, layout", CASES)
 def test_forward_and_backward_match_the_equations(ops, shape, layout, dtype):
     x, dy, w, b = make(shape, dtype, layout)
-    y, mean, var, rstd = ops.forward(x, w, b, EPS)
+    y, mean, var, rstd = forward(ops, x, w, b)
     dx, dw, db = ops.backward(dy, x, w, mean, rstd, True)
     y64, mean64, var64, dx64, dw64, db64 = equations(x, w, b, dy)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -120,7 +125,7 @@ def test_as_accurate_as_nn(ops, shape, layout, dtype):
     xg = x.detach().clone().requires_grad_()
     with torch_bn.use_path("cpp"):
         y = batch_norm(xg, None, None, w.clone().requires_grad_(), b.clone().requires_grad_(), True, 0.1, EPS)
-    assert type(y.grad_fn).__name__ == "BatchNormFunctionBackward"
+    assert type(y.grad_fn).__name__.endswith("BatchNormFunctionBackward")
     ours = [y, *torch.autograd.grad(y, [xg], dy)]
     xn = x.detach().clone().requires_grad_()
     yn = F.batch_norm(xn, None, None, w.to(dtype), b.to(dtype), True, 0.1, EPS)
@@ -136,7 +141,7 @@ def test_far_from_zero_keeps_its_accuracy(ops, shape):
     """x = 1e6 + randn in float32: y within 0.05 of float64 (issue 18's bound; nn: about 2.6 at
     (4096, 64)); measured about 5e-7, so the test holds it to 1e-4."""
     x = 1e6 + torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    y = ops.forward(x, None, None, EPS)[0]
+    y = forward(ops, x, None, None)[0]
     err = (y.double() - float64_reference(x, None, None, EPS)).abs().max().item()
     assert err <= 1e-4
 
@@ -148,7 +153,7 @@ def test_an_outlier_first_in_a_tile_keeps_the_variance(ops, layout):
     x = torch.randn(256, 8, 6, 6, generator=g)
     x[::32] += 1e4  # the first row of every 32-row tile
     x = laid_out(x, layout)
-    _, mean, var, _ = ops.forward(x, None, None, EPS)
+    _, mean, var, _ = forward(ops, x, None, None)
     x64 = x.double()
     torch.testing.assert_close(var.double(), x64.var([0, 2, 3], correction=0), rtol=1e-6, atol=0)
     torch.testing.assert_close(mean.double(), x64.mean([0, 2, 3]), rtol=1e-6, atol=0)
@@ -163,7 +168,7 @@ def test_constant_features_give_exactly_beta(ops, shape, layout, dtype):
     x = laid_out(x, layout)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     w, b = torch.linspace(0.5, 2, shape[1], dtype=acc), torch.linspace(-1, 1, shape[1], dtype=acc)
-    y, _, var, _ = ops.forward(x, w, b, EPS)
+    y, _, var, _ = forward(ops, x, w, b)
     beta = b.to(dtype).view([1, -1] + [1] * (len(shape) - 2)).expand(shape)
     assert torch.equal(var, torch.zeros_like(var))
     assert torch.equal(y, beta)
@@ -179,7 +184,7 @@ def test_one_and_two_threads_agree_with_the_equations(ops, shape, layout):
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            y, mean, var, rstd = ops.forward(x, w, b, EPS)
+            y, mean, var, rstd = forward(ops, x, w, b)
             dx, dw, db = ops.backward(dy, x, w, mean, rstd, True)
             torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-5 * y64.abs().max().item())
             torch.testing.assert_close(var.double(), var64, rtol=1e-6, atol=0)
@@ -191,7 +196,7 @@ def test_one_and_two_threads_agree_with_the_equations(ops, shape, layout):
 
 def test_without_weight_bias_or_dx(ops):
     x, dy, _, _ = make((20, 30), torch.float32)
-    y, mean, var, rstd = ops.forward(x, None, None, EPS)
+    y, mean, var, rstd = forward(ops, x, None, None)
     torch.testing.assert_close(y.double(), float64_reference(x, None, None, EPS), rtol=0, atol=2e-6)
     dx, dw, db = ops.backward(dy, x, None, mean, rstd, False)
     assert dx.numel() == 0
@@ -203,7 +208,7 @@ def test_without_weight_bias_or_dx(ops):
 def test_a_gradient_in_another_layout_or_expanded(ops):
     """dy need not share x's layout: an expanded (stride 0) or contiguous dy for channels-last x."""
     x, _, w, b = make((4, 6, 5, 3), torch.float32, "channels_last")
-    _, mean, _, rstd = ops.forward(x, w, b, EPS)
+    _, mean, _, rstd = forward(ops, x, w, b)
     for dy in (torch.ones(()).expand(x.shape), torch.randn(x.shape)):
         dx, dw, db = ops.backward(dy, x, w, mean, rstd, True)
         _, _, _, dx64, dw64, db64 = equations(x, w, b, dy)
@@ -221,7 +226,7 @@ def test_any_shape(ops, n, c, spatial, layout, dtype, offset, seed):
     if layout == "channels_last" and len(shape) not in (4, 5):
         layout = "contiguous"
     x, dy, w, b = make(shape, dtype, layout, seed=seed, offset=offset)
-    y, mean, var, rstd = ops.forward(x, w, b, EPS)
+    y, mean, var, rstd = forward(ops, x, w, b)
     dx, dw, db = ops.backward(dy, x, w, mean, rstd, True)
     y64, mean64, var64, dx64, dw64, db64 = equations(x, w, b, dy)
     tol = 1e-10 if dtype == torch.float64 else 3e-5
@@ -242,7 +247,7 @@ def test_gradcheck_through_the_op(ops, shape, layout):
     def layer(x, w, b):
         with torch_bn.use_path("cpp"):
             y = batch_norm(x, None, None, w, b, True, 0.1, EPS)
-        assert type(y.grad_fn).__name__ == "BatchNormFunctionBackward"
+        assert type(y.grad_fn).__name__.endswith("BatchNormFunctionBackward")
         return y
 
     assert gradcheck(layer, tuple(leaves))
