@@ -321,3 +321,49 @@ def test_a_built_op_loads_directly(op, tmp_path):
         f.write(b"not a library")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.stdout.split() == ["False", "True", "1"], result.stdout + result.stderr
+
+
+LAYER_CODE = ("import torch, torch_bn\n"
+              "x = torch.randn(50, 100, dtype=torch.float64, requires_grad=True)\n"
+              "with torch_bn.use_path('cpp'):\n"
+              "    y = torch_bn.BatchNorm1d(100, dtype=torch.float64)(x)\n"
+              "    y.square().sum().backward()\n"
+              "ref = torch.nn.functional.batch_norm(x.detach(), None, None, training=True)\n"
+              "torch.testing.assert_close(y, ref)\n"
+              "print('ok')\n")
+
+
+@pytest.mark.slow
+def test_two_processes_start_with_an_empty_cache(tmp_path):
+    """`python -m torch_bn.build` and a training process start at once with an empty
+    TORCH_EXTENSIONS_DIR: one builds (a line on stderr when it starts and one when it ends), the
+    other waits for it and loads the same library; both finish, the layer's result equal to
+    F.batch_norm's."""
+    if not cpp.ENABLED:
+        pytest.skip("the compiled op is switched off by TORCH_BN_CPP=0")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    procs = [subprocess.Popen([sys.executable, "-m", "torch_bn.build"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+             subprocess.Popen([sys.executable, "-c", LAYER_CODE], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    (build_out, build_err), (layer_out, layer_err) = (p.communicate(timeout=900) for p in procs)
+    report = "\n".join([build_out, build_err, layer_out, layer_err])
+    assert [p.returncode for p in procs] == [0, 0], report
+    assert layer_out.strip() == "ok", report
+    stderr = build_err + layer_err
+    assert stderr.count("torch_bn: building the compiled CPU op") == 1, report
+    assert stderr.count("torch_bn: built the compiled CPU op in") == 1, report
+    assert "TORCH_BN_CPP=0" in stderr  # the start line says how to skip the build
+    libraries = list((tmp_path / "ext").rglob("*.so"))
+    assert len(libraries) == 1 and str(libraries[0]) in build_out + build_err, report
+    # The build command again: found, loaded, nothing rebuilt.
+    again = subprocess.run([sys.executable, "-m", "torch_bn.build"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "already built" in again.stdout and "building" not in again.stderr, again
+
+
+def test_build_command_without_a_compiler_says_why(tmp_path):
+    """No compiler and no cached build: exit status 1 and the reason, what is needed, on stderr."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX=str(tmp_path / "no-such-compiler"))
+    result = subprocess.run([sys.executable, "-m", "torch_bn.build"], env=env, capture_output=True, text=True)
+    assert result.returncode == 1, result
+    assert "cannot build the compiled CPU op" in result.stderr and "pip install ninja" in result.stderr, result.stderr
