@@ -132,6 +132,21 @@ inline double lane_sum(const V& v) {
 // Running statistics of one channel (or column): count, mean, centred sum of squares.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
+  // add() for a tile of nb values merged into a state of n values, with the factors every column
+  // of a rows tile shares (they all hold the same count): inv = 1 / nb, w = nb / (n + nb),
+  // cross = n * nb / (n + nb).
+  struct Factors {
+    double nb, inv, w, cross;
+    Factors(double n, double nb) : nb(nb), inv(1.0 / nb), w(nb / (n + nb)), cross(n * nb / (n + nb)) {}
+  };
+  inline void add(const Factors& f, double c, double s1, double s2) {
+    const double mb = c + s1 * f.inv;
+    const double m2b = s2 - s1 * (s1 * f.inv);
+    const double delta = mb - mean;
+    mean += delta * f.w;
+    m2 += m2b + delta * delta * f.cross;
+    n += f.nb;
+  }
   // Merges a tile of nb values with centre c, s1 = sum(x - c), s2 = sum((x - c)^2).
   inline void add(double nb, double c, double s1, double s2) {
     const double mb = c + s1 / nb;
@@ -183,6 +198,7 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, Moments*
   for (int64_t i0 = r0; i0 < r1; i0 += kTileRows) {
     const int64_t nb = std::min(kTileRows, r1 - i0);
     const V inv(opmath_t(1) / static_cast<opmath_t>(nb));
+    const Moments::Factors factors(static_cast<double>(i0 - r0), static_cast<double>(nb));
     for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
       const int64_t wt = std::min(kTileCols, C - j0);
       const int64_t nq = (wt + P::kSize - 1) / P::kSize;
@@ -223,7 +239,7 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, Moments*
         t2b.store(s2_buf + h);
         Moments* s = st + j0 + q * P::kSize;
         for (int64_t k = 0; k < cnt; ++k) {
-          s[k].add(static_cast<double>(nb), static_cast<double>(c_buf[k]), static_cast<double>(s1_buf[k]),
+          s[k].add(factors, static_cast<double>(c_buf[k]), static_cast<double>(s1_buf[k]),
                    static_cast<double>(s2_buf[k]));
         }
       }

@@ -13,7 +13,9 @@
 
 #include "kernels.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <cmath>
 #include <torch/library.h>
 
 #include <optional>
@@ -48,6 +50,29 @@ Tensor channel_vector(const std::optional<Tensor>& v, at::ScalarType dtype) {
   return v.has_value() && v->defined() ? v->to(dtype).contiguous() : Tensor();
 }
 
+// running = lerp(running, batch * factor, momentum), as Tensor.lerp_ computes it (one fused
+// multiply-add, the weight's small/large halves as ATen's), in one loop where running is a
+// contiguous tensor of the statistics' dtype (the common case: at small sizes three tensor ops
+// cost as much as the forward's loops); otherwise with the tensor ops themselves.
+void move_towards(const Tensor& running, const Tensor& batch, double factor, double momentum) {
+  if (!running.is_contiguous() || running.scalar_type() != batch.scalar_type()) {
+    Tensor r = running;
+    r.lerp_((factor == 1.0 ? batch : batch.mul(factor)).to(running.scalar_type()), momentum);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(batch.scalar_type(), "torch_bn_move_towards", [&] {
+    scalar_t* r = running.mutable_data_ptr<scalar_t>();
+    const scalar_t* b = batch.const_data_ptr<scalar_t>();
+    const scalar_t w = static_cast<scalar_t>(momentum), f = static_cast<scalar_t>(factor);
+    const bool small = std::abs(w) < scalar_t(0.5);
+    for (int64_t c = 0; c < running.numel(); ++c) {
+      const scalar_t end = factor == 1.0 ? b[c] : b[c] * f;
+      r[c] = small ? std::fma(w, end - r[c], r[c]) : std::fma(w - scalar_t(1), end - r[c], end);
+    }
+  });
+  running.unsafeGetTensorImpl()->bump_version();
+}
+
 // The forward, then (where given) the running statistics move towards the batch's, as in
 // F.batch_norm: running = lerp(running, batch, momentum), with the unbiased batch variance.
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
@@ -66,13 +91,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   auto result = forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc), eps);
   const Tensor &mean = std::get<1>(result), &var = std::get<2>(result);
   if (running_mean.has_value() && running_mean->defined()) {
-    Tensor rm = *running_mean;
-    rm.lerp_(mean.to(rm.scalar_type()), momentum);
+    move_towards(*running_mean, mean, 1.0, momentum);
   }
   if (running_var.has_value() && running_var->defined()) {
-    Tensor rv = *running_var;
     const double m = static_cast<double>(x.numel() / x.size(1));
-    rv.lerp_(var.mul(m / (m - 1)).to(rv.scalar_type()), momentum);
+    move_towards(*running_var, var, m / (m - 1), momentum);
   }
   return result;
 }
