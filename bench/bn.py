@@ -164,6 +164,37 @@ def bench_mlp_shape(shape, measure) -> dict:
     return row
 
 
+FALLBACK_SHAPES = [(256, 1024), (4096, 1024), (256, 65536), (32, 64, 32, 32)]
+
+
+def bench_fallback_shape(shape, dtype, measure) -> dict:
+    """Forward+backward of torch_bn's two tensor-op paths, what runs without the compiled op:
+    pinned to the slab-fused ops and to the reference ops, in turns on the same inputs."""
+    x = torch.randn(shape, dtype=dtype).requires_grad_()
+    dy = torch.randn(shape, dtype=dtype)
+    m = implementations(shape, "cpu")["torch_bn"]
+
+    def pinned(path):
+        run = forward_backward(m, x, dy)
+
+        def f():
+            with torch_bn.use_path(path):
+                run()
+        return f
+
+    times = measure({"fused": pinned("fused"), "reference": pinned("reference")})
+    return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "fused_fwdbwd_s": times["fused"], "reference_fwdbwd_s": times["reference"]}
+
+
+def print_fallback_table(rows: list[dict]) -> None:
+    print("| shape | dtype | threads | f+b fused (ms) | f+b reference (ms) | reference / fused |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['threads']} | {1e3 * r['fused_fwdbwd_s']:.2f} | "
+              f"{1e3 * r['reference_fwdbwd_s']:.2f} | {r['reference_fwdbwd_s'] / r['fused_fwdbwd_s']:.2f} |", flush=True)
+
+
 def print_mlp_table(rows: list[dict]) -> None:
     print(f"{'shape':>8} {'path':>9} | {'fwd native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6} | "
           f"{'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6}   (microseconds per call)")
@@ -261,6 +292,8 @@ def main() -> None:
                    help="also time the closed-form against the staged backward (the backward alone)")
     p.add_argument("--mlp", action="store_true",
                    help="only the MLP's shapes (CPU float32), per call: native, torch_bn, torch_bn's Python path")
+    p.add_argument("--fallback", action="store_true",
+                   help="only the paths without the compiled op (CPU): slab-fused vs reference ops, forward+backward")
     p.add_argument("--threads", help="torch.set_num_threads, one count or several (1,2: the whole table for each, "
                                      "in this process); default: PyTorch's choice")
     p.add_argument("--json", help="write the numbers here")
@@ -283,6 +316,18 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        return
+    if args.fallback:
+        measure = timer("cpu", args.budget)
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else FALLBACK_SHAPES
+        for t in threads:
+            if t:
+                torch.set_num_threads(t)
+            print(f"torch {torch.__version__}; {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}; "
+                  f"load average {load_average()}")
+            print_fallback_table([bench_fallback_shape(s, getattr(torch, d), measure)
+                                  for d in (args.dtype or ["float32", "bfloat16"]) for s in shapes])
+            print(f"load average after: {load_average()}")
         return
     shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else SHAPES + (CUDA_ONLY if args.device == "cuda" else []) + SHAPES_4D)
