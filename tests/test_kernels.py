@@ -283,3 +283,19 @@ def test_pytorch_sample_inputs_within_twice_nns_error(ops, dtype):
             assert err <= 2 * err_nn + 4 * ulp(dtype) * max(1.0, e.abs().max().item()), (s.input.shape, err, err_nn)
         checked += 1
     assert checked >= 3
+
+
+def test_cpu_flags_follow_atens_capability_and_name_the_build(monkeypatch):
+    """AVX2 flags only where ATen itself runs AVX2/AVX-512 on an x86 CPU; the flags are part of the
+    build's name, so a build for one CPU is never loaded on a CPU that lacks its instructions."""
+    monkeypatch.setattr(cpp.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert cpp.cpu_flags() == []
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert {"-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"} <= set(cpp.cpu_flags())
+    monkeypatch.setattr(cpp.platform, "machine", lambda: "aarch64")
+    assert cpp.cpu_flags() == []
+    name = cpp.extension_name()
+    monkeypatch.setattr(cpp, "CFLAGS", [*cpp.CFLAGS, "-mavx2"] if "-mavx2" not in cpp.CFLAGS else ["-O3"])
+    assert cpp.extension_name() != name
