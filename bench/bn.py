@@ -215,24 +215,31 @@ def layout_name(row: dict) -> str:
     return "channels_last" if row.get("channels_last") else "contiguous"
 
 
-def print_table(rows: list[dict]) -> None:
-    staged = all("staged_bwd_s" in r for r in rows)
+def print_header(staged: bool) -> None:
     head = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'thr':>3} {'MiB':>6} | {'fwd native':>10} {'torch_bn':>9} "
             f"{'ratio':>6} {'%bnd':>5} | {'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'%bound':>6} {'nat %bnd':>8}"
             + (f" | {'bwd cf':>9} {'staged':>9} {'staged/cf':>9}" if staged else ""))
     print(head)
-    print("-" * len(head))
+    print("-" * len(head), flush=True)
+
+
+def print_row(r: dict) -> None:
+    ms = lambda k: f"{1e3 * r[k]:>8.3f}ms"  # noqa: E731
+    print(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>8} {layout_name(r):>13} {r['threads']:>3} {r['mib']:>6.1f} | "
+          f"{ms('native_fwd_s'):>10} {ms('torch_bn_fwd_s'):>9} {r['torch_bn_fwd_s'] / r['native_fwd_s']:>6.2f} "
+          f"{100 * r['bound_fwd_s'] / r['torch_bn_fwd_s']:>4.0f}% | "
+          f"{ms('native_fwdbwd_s'):>10} {ms('torch_bn_fwdbwd_s'):>9} "
+          f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:>6.2f} "
+          f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:>5.0f}% "
+          f"{100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:>7.0f}%"
+          + (f" | {ms('torch_bn_bwd_s'):>9} {ms('staged_bwd_s'):>9} {r['staged_bwd_s'] / r['torch_bn_bwd_s']:>9.2f}"
+             if "staged_bwd_s" in r else ""), flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    print_header(all("staged_bwd_s" in r for r in rows))
     for r in rows:
-        ms = lambda k: f"{1e3 * r[k]:>8.3f}ms"  # noqa: E731
-        print(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>8} {layout_name(r):>13} {r['threads']:>3} {r['mib']:>6.1f} | "
-              f"{ms('native_fwd_s'):>10} {ms('torch_bn_fwd_s'):>9} {r['torch_bn_fwd_s'] / r['native_fwd_s']:>6.2f} "
-              f"{100 * r['bound_fwd_s'] / r['torch_bn_fwd_s']:>4.0f}% | "
-              f"{ms('native_fwdbwd_s'):>10} {ms('torch_bn_fwdbwd_s'):>9} "
-              f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:>6.2f} "
-              f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:>5.0f}% "
-              f"{100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:>7.0f}%"
-              + (f" | {ms('torch_bn_bwd_s'):>9} {ms('staged_bwd_s'):>9} {r['staged_bwd_s'] / r['torch_bn_bwd_s']:>9.2f}"
-                 if staged else ""), flush=True)
+        print_row(r)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -343,9 +350,13 @@ def main() -> None:
                    else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
         print(f"device: {machine}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
               f"{time.strftime('%Y-%m-%d %H:%M')}; load average {load_average()}")
-        rows_t = [bench_shape(s, dt, args.device, measure, bandwidth, cl, args.staged) | {"copy_bandwidth_Bps": bandwidth}
-                  for dt in dtypes for s, cl in cases(shapes, layouts)]
-        print_table(rows_t)
+        print_header(args.staged)
+        rows_t = []
+        for dt in dtypes:
+            for s, cl in cases(shapes, layouts):
+                rows_t.append(bench_shape(s, dt, args.device, measure, bandwidth, cl, args.staged)
+                              | {"copy_bandwidth_Bps": bandwidth, "load_average": os.getloadavg()})
+                print_row(rows_t[-1])
         print(f"load average after: {load_average()}")
         if args.markdown:
             print(markdown_table(rows_t))
