@@ -17,6 +17,14 @@ LARGE = torch.empty(FUSED_MIN_ELEMENTS // 64, 64)
 
 
 @pytest.fixture
+def needs_cpp():
+    """The rows about the compiled op need it built (it is not with TORCH_BN_CPP=0 or without a
+    compiler; tests/test_cpp.py checks the build itself)."""
+    if cpp.op() is None:
+        pytest.skip("the compiled op is switched off (TORCH_BN_CPP=0) or cannot be built here")
+
+
+@pytest.fixture
 def no_cpp(monkeypatch):
     """The compiled op switched off (TORCH_BN_CPP=0): small CPU inputs take the reference."""
     monkeypatch.setattr(cpp, "ENABLED", False)
@@ -131,7 +139,7 @@ def test_the_function_follows_the_rule(monkeypatch):
                      {}, {**backward_flags, "reference": True}]
 
 
-def test_cpu_inputs_take_the_compiled_op():
+def test_cpu_inputs_take_the_compiled_op(needs_cpp):
     """CPU inputs of any size take the compiled op, in any floating dtype and any number of
     dimensions; meta tensors (no memory) the reference."""
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -142,7 +150,7 @@ def test_cpu_inputs_take_the_compiled_op():
     assert choose_path(torch.empty(50, 100, device="meta")) == "reference"
 
 
-def test_the_compiled_op_is_not_taken_where_it_cannot_serve(monkeypatch):
+def test_the_compiled_op_is_not_taken_where_it_cannot_serve(needs_cpp, monkeypatch):
     """Staged backward, torch.func, torch.compile, tensor subclasses, and no built op: the reference.
     Forward-mode AD takes it (the Function's jvp needs only saved tensors)."""
     assert choose_path(SMALL, staged=True) == "reference"
@@ -166,7 +174,7 @@ def test_the_compiled_op_is_not_taken_where_it_cannot_serve(monkeypatch):
     assert choose_path(SMALL) == "reference" and cpp._ops is None
 
 
-def test_switching_the_compiled_op_off_takes_effect_after_it_is_built(monkeypatch):
+def test_switching_the_compiled_op_off_takes_effect_after_it_is_built(needs_cpp, monkeypatch):
     assert choose_path(SMALL) == "cpp"
     monkeypatch.setattr(cpp, "ENABLED", False)
     assert choose_path(SMALL) == "reference"
@@ -191,7 +199,7 @@ def test_the_reference_switch_takes_every_call(triton_on_cpu, monkeypatch):
             pass
 
 
-def test_pinned_paths_serve_or_say_why(monkeypatch):
+def test_pinned_paths_serve_or_say_why(needs_cpp, monkeypatch):
     """use_path("cpp"/"fused"/"triton") pins that body for tests; where it cannot serve, an error
     says why; staged and double backward and transforms still take the reference."""
     with torch_bn.use_path("cpp"):

@@ -25,9 +25,9 @@ def main() -> int:
               f"(pip install ninja). Without it torch_bn still runs, slower per call on CPU.", file=sys.stderr)
         return 1
     if seconds is None:
-        print(f"torch_bn: the compiled CPU op is already built: {library} (loaded in {time.perf_counter() - start:.2f} s)")
-    else:
-        print(f"torch_bn: built the compiled CPU op in {seconds:.0f} s: {library}")
+        print(f"torch_bn: the compiled CPU op is already built: {library} (ready after {time.perf_counter() - start:.2f} s)")
+    else:  # the build's own lines on stderr said how long it took
+        print(f"torch_bn: the compiled CPU op is ready: {library} (built in {seconds:.0f} s)")
     if not cpp.ENABLED:
         print("torch_bn: note: TORCH_BN_CPP=0 is set, so torch_bn will not use it until that is unset")
     return 0

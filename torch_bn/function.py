@@ -1,22 +1,23 @@
 """``BatchNormFunction``: training-mode batch norm as a custom autograd Function.
 
-This Python Function is the autograd node of every training-mode torch_bn call, on every path:
-``type(y.grad_fn)`` is ``BatchNormFunctionBackward`` (``CompiledBatchNormFunctionBackward``
-under ``torch.compile``). Its forward and backward ask :func:`torch_bn.dispatch.choose_path` for
-their bodies: the readable math of :mod:`torch_bn.ops` (the reference, and what
-``torch_bn.use_path("reference")`` / ``TORCH_BN_PATH=reference`` runs everywhere), the compiled
-CPU ops of :mod:`torch_bn.cpp`, the slab-fused tensor ops of :mod:`torch_bn.fused` (CPU), or the
-Triton kernels of :mod:`torch_bn.triton_kernels` (CUDA). Each body returns the same y and
-statistics (forward) and the same closed-form gradients (backward); double backward records the
-reference ops, which are differentiable.
+This Python Function is the autograd node of every training-mode torch_bn call, on every path
+and device. Its forward and backward ask :func:`torch_bn.dispatch.choose_path` for their bodies:
+the readable math of :mod:`torch_bn.ops` (the reference, and what ``torch_bn.use_path("reference")``
+/ ``TORCH_BN_PATH=reference`` runs everywhere), the compiled CPU ops of :mod:`torch_bn.cpp`, the
+slab-fused tensor ops of :mod:`torch_bn.fused` (CPU), or the Triton kernels of
+:mod:`torch_bn.triton_kernels` (CUDA). Each body returns the same y and statistics (forward) and
+the same closed-form gradients (backward); double backward records the reference ops, which are
+differentiable.
 
-The Function uses the ``forward`` + ``setup_context`` style so that it composes with torch.func
-transforms (``generate_vmap_rule``) and ``torch.compile``. Its siblings: ``CompiledBatchNormFunction``
-below (the same Function without ``jvp``, for code torch.compile traces), and
-``torch_bn.sync_batchnorm.SyncBatchNormFunction``, kept beside the distributed code it needs: its
-forward and backward exchange statistics and gradient sums between ranks (collectives between the
-reductions, so none of the single-process bodies here can serve it), and it always runs the
-reference math of :mod:`torch_bn.ops`.
+Three classes, one Function: ``BatchNormFunction`` (``forward`` + ``setup_context`` style, which
+torch.func transforms need: ``generate_vmap_rule``); ``EagerBatchNormFunction``, the classic-style
+sibling eager code runs (``type(y.grad_fn).__name__ == "EagerBatchNormFunctionBackward"``), cheaper
+per call and with the running-statistics update folded in; ``CompiledBatchNormFunction`` (no
+``jvp``) for code torch.compile traces. The siblings inherit BatchNormFunction's forward, backward
+and jvp. ``torch_bn.sync_batchnorm.SyncBatchNormFunction`` stays beside the distributed code it
+needs: its forward and backward exchange statistics and gradient sums between ranks (collectives
+between the reductions, so none of the single-process bodies here can serve it), and it always
+runs the reference math of :mod:`torch_bn.ops`.
 """
 from __future__ import annotations
 

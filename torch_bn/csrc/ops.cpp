@@ -15,9 +15,9 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <cmath>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 
 namespace torch_bn_cpp {
@@ -50,27 +50,25 @@ Tensor channel_vector(const std::optional<Tensor>& v, at::ScalarType dtype) {
   return v.has_value() && v->defined() ? v->to(dtype).contiguous() : Tensor();
 }
 
-// running = lerp(running, batch * factor, momentum), as Tensor.lerp_ computes it (one fused
-// multiply-add, the weight's small/large halves as ATen's), in one loop where running is a
-// contiguous tensor of the statistics' dtype (the common case: at small sizes three tensor ops
-// cost as much as the forward's loops); otherwise with the tensor ops themselves.
-void move_towards(const Tensor& running, const Tensor& batch, double factor, double momentum) {
-  if (!running.is_contiguous() || running.scalar_type() != batch.scalar_type()) {
-    Tensor r = running;
-    r.lerp_((factor == 1.0 ? batch : batch.mul(factor)).to(running.scalar_type()), momentum);
+// running = lerp(running, factor * batch, momentum), computed as ATen's lerp_ computes it (in the
+// buffer's dtype, the weight's two branches) after batch * factor in the op-math dtype, as the
+// Python paths do with tensor ops; a loop over C values when the buffer is a contiguous float or
+// double vector in the op-math dtype (the usual case: no dispatch per op), else those tensor ops.
+void update_running(Tensor& running, const Tensor& batch, double factor, double momentum) {
+  if (!(running.is_contiguous() && running.scalar_type() == batch.scalar_type() &&
+        (running.scalar_type() == at::kFloat || running.scalar_type() == at::kDouble))) {
+    running.lerp_((factor == 1.0 ? batch : batch.mul(factor)).to(running.scalar_type()), momentum);
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(batch.scalar_type(), "torch_bn_move_towards", [&] {
+  AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "torch_bn_cpp::update_running", [&] {
     scalar_t* r = running.mutable_data_ptr<scalar_t>();
     const scalar_t* b = batch.const_data_ptr<scalar_t>();
-    const scalar_t w = static_cast<scalar_t>(momentum), f = static_cast<scalar_t>(factor);
-    const bool small = std::abs(w) < scalar_t(0.5);
+    const scalar_t f = static_cast<scalar_t>(factor), w = static_cast<scalar_t>(momentum);
     for (int64_t c = 0; c < running.numel(); ++c) {
       const scalar_t end = factor == 1.0 ? b[c] : b[c] * f;
-      r[c] = small ? std::fma(w, end - r[c], r[c]) : std::fma(w - scalar_t(1), end - r[c], end);
+      r[c] = std::abs(w) < scalar_t(0.5) ? r[c] + w * (end - r[c]) : end - (end - r[c]) * (scalar_t(1) - w);
     }
   });
-  running.unsafeGetTensorImpl()->bump_version();
 }
 
 // The forward, then (where given) the running statistics move towards the batch's, as in
@@ -91,11 +89,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   auto result = forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc), eps);
   const Tensor &mean = std::get<1>(result), &var = std::get<2>(result);
   if (running_mean.has_value() && running_mean->defined()) {
-    move_towards(*running_mean, mean, 1.0, momentum);
+    Tensor rm = *running_mean;
+    update_running(rm, mean, 1.0, momentum);
   }
   if (running_var.has_value() && running_var->defined()) {
+    Tensor rv = *running_var;
     const double m = static_cast<double>(x.numel() / x.size(1));
-    move_towards(*running_var, var, m / (m - 1), momentum);
+    update_running(rv, var, m / (m - 1), momentum);
   }
   return result;
 }
