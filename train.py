@@ -11,7 +11,7 @@
     python train.py --compare --norms torch_bn,renorm,layernorm   # any normalizations side by side
     python train.py --resume runs/NAME [--epochs N]               # continue an interrupted run, or extend one
     torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
-    tensorboard --logdir runs                                     # the dashboards
+    tensorboard --logdir runs/NAME                                # a launch's dashboards (the folder it printed)
 
 On offline machines add --data-dir ../shared/data --no-verify.
 """
@@ -232,7 +232,8 @@ def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
 def default_run_name(plan: dict) -> str:
     c = plan["config"]
     what = plan["mode"] if plan["mode"] != "single" else c["norm"]
-    return f"{time.strftime('%Y%m%d-%H%M%S')}_{what}_{c['optimizer']}_lr{c['lr']:g}_seed{c['seed']}"
+    # What the launch is first (TensorBoard's run list is read from the left), its time last.
+    return f"{what}_{c['optimizer']}_lr{c['lr']:g}_seed{c['seed']}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def load_data(plan: dict) -> CIFAR10Data:
@@ -268,7 +269,7 @@ def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: boo
         return experiments.deep(config, data, root, progress=progress, resume=resume)
     if mode == "batch-size":
         results = experiments.batch_size(config, data, root, progress=progress, resume=resume)
-        return {f"bs{b:02d}/{method}": s for method, by_batch in results.items() for b, s in by_batch.items()}
+        return {f"bs{b}/{method}": s for method, by_batch in results.items() for b, s in by_batch.items()}
     if mode != "weight-scale":
         raise ValueError(f"unknown mode {mode!r} in the launch plan; expected single, compare, "
                          f"{' or '.join(sorted(experiments.PRESETS))}")
@@ -282,7 +283,7 @@ def report(summaries: dict, root: str) -> None:
     for name, s in summaries.items():
         print(f"{name:<34} {s['final_train_acc']:>15.3f} {s['best_val_acc']:>12.3f} {s['test_acc']:>8.3f} "
               f"{s['wall_time_s']:>7.1f}")
-    print(f"runs in {root}; dashboards: tensorboard --logdir {os.path.dirname(root.rstrip('/')) or '.'}")
+    print(f"runs in {root}; dashboards: tensorboard --logdir {shlex.quote(root)}")
 
 
 def plan_for(args: argparse.Namespace) -> tuple[dict, str | None]:

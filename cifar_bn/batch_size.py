@@ -11,7 +11,7 @@ Ghost batch norm runs at batch 50 with statistics over chunks of 5 and of 10 sam
 a small batch's statistics with the gradient of a large batch, which separates the two effects.
 
 This module defines the runs (:func:`plan`), the figures and the results table;
-:func:`cifar_bn.experiments.batch_size` trains them into ``root/bs<B>/<method>`` (``bs05/renorm``,
+:func:`cifar_bn.experiments.batch_size` trains them into ``root/bs<B>/<method>`` (``bs5/renorm``,
 ``bs50/ghost10``: 14 TensorBoard runs, each with its text card and hparams) and gives ``root`` the
 figures and the experiment's card.
 """
@@ -21,7 +21,7 @@ import statistics
 from dataclasses import replace
 from typing import NamedTuple
 
-from .figures import LABELS, batch_size_curve_draws, batch_size_summary_draws
+from .figures import LABELS, batch_size_curve_draws, batch_size_summary_draws, colour_note
 from .models import RENORM_DMAX, RENORM_RMAX
 from .training import TrainConfig
 
@@ -35,15 +35,21 @@ CARD = ("**Batch size** (the notebook's batch-size section): the 5-hidden-layer 
         "N(0, 0.02^2), Adam at lr 10^-3.5, 1,000 images, 10 epochs, at batch sizes 5, 10 and 50 with no "
         "normalization, torch_bn batch norm, batch renormalization (`renorm`: rmax {rmax:g}, dmax {dmax:g}, plain "
         "batch norm for the first epoch) and nn.LayerNorm, and ghost batch norm at batch 50 with statistics over "
-        "chunks of 5 and 10 samples (`bs50/ghost05`, `bs50/ghost10`). Runs are named `bs<batch>/<method>`. "
+        "chunks of 5 and 10 samples (`bs50/ghost5`, `bs50/ghost10`). Runs are named `bs<batch>/<method>`. "
         "Figures: `batch_size_train/*` and `batch_size_val/*`, accuracy per epoch, one panel per batch size; "
         "`batch_size_summary/*`, best val and final train accuracy against the batch size (ghost: against its "
-        "virtual batch size, joined to batch norm at 50). Colours: no normalization red, batch norm blue, "
-        "renorm orange, ghost purple, layer norm brown.").format(rmax=RENORM_RMAX, dmax=RENORM_DMAX)
+        "virtual batch size, joined to batch norm at 50).").format(rmax=RENORM_RMAX, dmax=RENORM_DMAX)
+
+
+def card(note: str = "") -> str:
+    """The experiment's text card: CARD, then ``note`` (e.g. the seeds of a reproduction), then the
+    figures' colours (TensorBoard's charts cannot take them for 14 runs: the card says how to colour
+    them by normalization)."""
+    return CARD + note + "\n\n" + colour_note([*NORMS, "ghost"], charts=False)
 
 
 class Run(NamedTuple):
-    """One run of the experiment: its batch size, method ("ghost05" for ghost batch norm over 5
+    """One run of the experiment: its batch size, method ("ghost5" for ghost batch norm over 5
     samples, otherwise the norm), config and folder under the experiment's root."""
 
     batch_size: int
@@ -55,10 +61,10 @@ class Run(NamedTuple):
 def plan(config: TrainConfig) -> list[Run]:
     """The experiment's runs for ``config`` (its norm, batch size and norm options are replaced)."""
     base = replace(config, norm="none", virtual_batch_size=None, renorm_warmup=None)
-    runs = [Run(b, norm, replace(base, norm=norm, batch_size=b), f"bs{b:02d}/{norm}")
+    runs = [Run(b, norm, replace(base, norm=norm, batch_size=b), f"bs{b}/{norm}")
             for b in BATCH_SIZES for norm in NORMS]
-    runs += [Run(GHOST_BATCH, f"ghost{v:02d}", replace(base, norm="ghost", batch_size=GHOST_BATCH, virtual_batch_size=v),
-                 f"bs{GHOST_BATCH:02d}/ghost{v:02d}") for v in VIRTUAL_BATCH_SIZES]
+    runs += [Run(GHOST_BATCH, f"ghost{v}", replace(base, norm="ghost", batch_size=GHOST_BATCH, virtual_batch_size=v),
+                 f"bs{GHOST_BATCH}/ghost{v}") for v in VIRTUAL_BATCH_SIZES]
     return runs
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
-from .dashboard import LayerProbe, RunLogger, hparam_values
+from .dashboard import LayerProbe, RunLogger
 from .data import NUM_CLASSES, CIFAR10Data
 from .models import MLP, RENORM_DMAX, RENORM_RMAX, activation_stds, canonical_norm, check_norm_options, l2_penalty
 
@@ -202,7 +202,8 @@ def run_card(config: "TrainConfig", num_train: int, device: str) -> str:
             f"epoch; the best-val weights are tested at the end). `layer<i>/pre_norm_*` is the Linear output, "
             f"`layer<i>/post_norm_*` the batch norm's (absent without normalization): with batch norm the "
             f"post-norm std stays near its gamma at every depth whatever the pre-norm scale; without it the "
-            f"Linear outputs shrink or grow layer by layer. `layer<i>/weight_grad_norm`: how large an update "
+            f"Linear outputs shrink or grow layer by layer; Custom Scalars shows each layer's pre- and post-norm "
+            f"mean and std on one chart, one scale. `layer<i>/weight_grad_norm`: how large an update "
             f"each layer gets. Histograms: the same outputs per epoch, and the batch-norm tensors.")
 
 
@@ -280,8 +281,7 @@ class Trainer:
         self.logger = RunLogger(run_dir, purge_step=purge) if self.dist.is_main else distributed.NoLogger()
         self.probe = LayerProbe(self.model)
         if checkpoint is None:
-            name = os.path.basename(os.path.normpath(run_dir))
-            self.logger.start(hparam_values(asdict(config), n, self.device), name, run_card(config, n, self.device))
+            self.logger.start(asdict(config), n, self.device, run_card(config, n, self.device))
 
     @property
     def step(self) -> int:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import torch_bn
-from .dashboard import RunLogger, histogram_protos, hparam_values
+from .dashboard import BN_TENSORS, RunLogger, bn_histogram, histogram_protos
 from .data import CIFAR10Data
 from .models import hidden_layers
 from .training import (FINAL_LOSS_WINDOW, LOG_EVERY, SUMMARY, TRAIN_ACC_SAMPLES, History, RunExistsError,
@@ -40,7 +40,6 @@ from .training import (FINAL_LOSS_WINDOW, LOG_EVERY, SUMMARY, TRAIN_ACC_SAMPLES,
 CHECKPOINT = "vectorized_checkpoint.pt"  # in the experiment's root folder: every model's state
 NORMS = ("torch_bn", "none")  # layers that run without side effects under vmap
 SHARED_FIELDS = [f.name for f in fields(TrainConfig) if f.name not in ("norm", "weight_scale")]
-BN_TENSORS = ("weight", "bias", "running_mean", "running_var")  # the batch-norm histograms, as RunLogger.epoch
 PROBED = ("pre_norm", "post_norm")  # the outputs the dashboard's per-layer statistics describe
 
 
@@ -135,10 +134,14 @@ class _Group:
 
     def norm_tensors(self) -> dict[str, Tensor]:
         """The batch-norm tensors RunLogger.epoch histograms, stacked (K, H), by their tag in a run's
-        dashboard (``layer<i>/bn_<name>``); none without batch norm."""
+        dashboard (as :func:`~cifar_bn.dashboard.bn_histogram` makes them); none without batch norm."""
         pick = {**self.params, **self.buffers}
-        return {f"layer{i}/bn_{t}": pick[f"{name}.{t}"].detach()
-                for i, name in enumerate(self.norm_names, 1) for t in BN_TENSORS}
+        tensors = {}
+        for i, name in enumerate(self.norm_names, 1):
+            for t in BN_TENSORS:
+                tag, values = bn_histogram(t, pick[f"{name}.{t}"].detach())
+                tensors[f"layer{i}/{tag}"] = values
+        return tensors
 
 
 class VectorizedTrainer:
@@ -228,9 +231,8 @@ class VectorizedTrainer:
             os.makedirs(d, exist_ok=True)
         self.loggers = [RunLogger(d, purge_step=purge) for d in self.run_dirs]
         if checkpoint is None:
-            for config, d, logger in zip(self.configs, self.run_dirs, self.loggers):
-                logger.start(hparam_values(asdict(config), n, self.device), os.path.basename(os.path.normpath(d)),
-                             run_card(config, n, self.device))
+            for config, logger in zip(self.configs, self.loggers):
+                logger.start(asdict(config), n, self.device, run_card(config, n, self.device))
 
     @property
     def step(self) -> int:

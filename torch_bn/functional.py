@@ -1,9 +1,9 @@
 """``torch_bn.functional.batch_norm``: the drop-in for ``torch.nn.functional.batch_norm``.
 
-Training mode goes through :class:`~torch_bn.function.BatchNormFunction`, or, for small CPU
-inputs (``choose_path(..., layer=True) == "cpp"``), the whole layer through the compiled op of
-:mod:`torch_bn.cpp`; evaluation mode is a plain per-channel affine map built from tensor ops, so
-autograd differentiates it (w.r.t. input, weight and bias) without a custom backward.
+Training mode goes through :class:`~torch_bn.function.BatchNormFunction` (whose bodies
+:func:`torch_bn.dispatch.choose_path` picks), then updates the running statistics; evaluation
+mode is a plain per-channel affine map built from tensor ops, so autograd differentiates it
+(w.r.t. input, weight and bias) without a custom backward.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import cpp, eager, ops
-from .function import BatchNormFunction, CompiledBatchNormFunction, choose_path
+from . import eager, ops
+from . import function as _function
 from .ghost import GhostBatchNormFunction
 from .masked import MaskedBatchNormFunction
 from .renorm import BatchRenormFunction
@@ -136,7 +136,9 @@ def batch_norm(
         return _variant_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                    backward, mask, virtual_batch_size)
     if not training:
-        # The running statistics are constants here, as in PyTorch: no gradient, no tangent.
+        # The running statistics are constants here, as in PyTorch: no gradient, and no tangent
+        # (a tangent on them is refused, as F.batch_norm refuses it).
+        _check_no_running_tangents(input, running_mean, running_var)
         dtype = ops.compute_dtype(input)
         return ops.normalize(input, running_mean.detach().to(dtype),
                              torch.rsqrt(running_var.detach().to(dtype) + eps), weight, bias)
@@ -146,20 +148,15 @@ def batch_norm(
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias)
 
-    if choose_path(input, staged=backward == "staged", layer=True) == "cpp":
-        # The whole layer in one compiled call: the same statistics and y, the same lerp_ of the
-        # running statistics as below, and the closed-form backward as a C++ autograd node.
-        return cpp.op()(input, weight, bias, running_mean, running_var, momentum, eps)
-    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
-    y, mean, var = function.apply(input, weight, bias, eps, backward)
-    with torch.no_grad():
-        # running = (1 - momentum) * running + momentum * batch, as lerp: one op per buffer.
-        if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        if running_var is not None:
-            m = input.numel() // input.shape[1]
-            running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
-    return y
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # The setup_context-style Functions (torch.compile traces CompiledBatchNormFunction).
+        function = _function.CompiledBatchNormFunction if torch.compiler.is_compiling() else _function.BatchNormFunction
+        y, mean, var = function.apply(input, weight, bias, eps, backward)
+        _function.update_running_stats(running_mean, running_var, mean, var, input, momentum)
+        return y
+    # Eager: the same Function's bodies, the running statistics updated inside (one call).
+    return _function.EagerBatchNormFunction.apply(input, weight, bias, eps, backward, running_mean, running_var,
+                                                  momentum)
 
 
 def batch_norm_stateless(
@@ -221,7 +218,7 @@ def batch_norm_stateless(
         # running statistics come back unchanged.
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias), running_mean, running_var
-    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    function = _function.CompiledBatchNormFunction if torch.compiler.is_compiling() else _function.BatchNormFunction
     y, mean, var = function.apply(input, weight, bias, eps, backward)
     m = input.numel() // input.shape[1]
     new_mean = new_var = None
@@ -232,6 +229,21 @@ def batch_norm_stateless(
         new_var = running_var.detach().lerp((var.detach() * (m / (m - 1))).to(running_var.dtype),
                                             _weight_like(momentum, running_var))
     return y, new_mean, new_var
+
+
+def _check_no_running_tangents(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """PyTorch's refusal (same message, a RuntimeError) of forward-mode tangents on the running
+    statistics where the input has one too (F.batch_norm's forward derivative runs only then):
+    batch norm is not differentiable with respect to them."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level open: no tangents anywhere
+        return
+    if torch.autograd.forward_ad.unpack_dual(input).tangent is None:
+        return
+    for t in (running_mean, running_var):
+        if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+                               "have forward grad defined; pass them without tangents (e.g. detach them, or "
+                               "leave them out of the dual inputs)")
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

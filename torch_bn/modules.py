@@ -8,8 +8,8 @@ initialization (``reset_parameters``, ``reset_running_stats``), ``__constants__`
 versioning (an old checkpoint without ``num_batches_tracked`` keeps the module's count), the
 per-class input-dimension check and the lazy initialization. torch_bn's own: ``forward`` (the
 averaging factor, then one call of :func:`torch_bn.functional.batch_norm`, which updates the
-running statistics and runs :class:`~torch_bn.function.BatchNormFunction`, or the compiled op of
-:mod:`torch_bn.cpp` for small CPU inputs), the ``backward=`` argument, and ``extra_repr``.
+running statistics and runs :class:`~torch_bn.function.BatchNormFunction`, whose bodies are the
+compiled CPU op, the fused or Triton kernels or the reference ops), the ``backward=`` argument, and ``extra_repr``.
 """
 from __future__ import annotations
 

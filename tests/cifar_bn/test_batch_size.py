@@ -137,7 +137,7 @@ def test_single_runs_of_the_new_norms(flags, norm, options, tiny_cifar, tmp_path
     assert len(summary["history"]["loss"]) == 13 and 0 <= summary["best_val_acc"] <= 1
     hparams = session_hparams(str(logdir / "r"))
     assert hparams["norm"] == norm and hparams["batch_size"] == 10
-    assert hparams["virtual_batch_size"] == (options.get("virtual_batch_size") or 0)
+    assert hparams.get("virtual_batch_size") == options.get("virtual_batch_size")  # left out (blank) if unset
     card = events(str(logdir / "r")).Tensors("about/text_summary")[0].tensor_proto.string_val[0].decode()
     assert {"renorm": "first 13 steps" if "--renorm-warmup" not in flags else "first 4 steps",
             "ghost": "chunks of 5 samples", "layernorm": "nn.LayerNorm"}[norm] in card
@@ -165,8 +165,8 @@ def test_compare_takes_any_normalizations(tiny_cifar, tmp_path):
 
 # ---- the experiment --------------------------------------------------------------------------------
 
-RUNS = [f"bs{b:02d}/{n}" for b in (5, 10, 50) for n in ("none", "torch_bn", "renorm", "layernorm")] + [
-    "bs50/ghost05", "bs50/ghost10"]
+RUNS = [f"bs{b}/{n}" for b in (5, 10, 50) for n in ("none", "torch_bn", "renorm", "layernorm")] + [
+    "bs50/ghost5", "bs50/ghost10"]
 
 
 @pytest.mark.slow
@@ -181,7 +181,7 @@ def test_batch_size_experiment_end_to_end(tiny_cifar, tmp_path):
         with open(root / name / "summary.json") as f:
             s = json.load(f)
         c = s["config"]
-        batch, method = int(name[2:4]), name.split("/")[1]
+        batch, method = int(name.split("/")[0][2:]), name.split("/")[1]
         norm, vbs, warmup = (("ghost", int(method[5:]), None) if method.startswith("ghost") else
                              ("renorm", None, 100 // batch) if method == "renorm" else (method, *expected[method]))
         assert (c["norm"], c["batch_size"], c["virtual_batch_size"], c["renorm_warmup"]) == (norm, batch, vbs, warmup)
@@ -190,15 +190,17 @@ def test_batch_size_experiment_end_to_end(tiny_cifar, tmp_path):
             [100] * 5, 2e-2, "adam", 10 ** -3.5, 1)
         assert s["num_train"] == 100 and len(s["history"]["loss"]) == 100 // batch
         hparams = session_hparams(str(root / name))
-        assert (hparams["norm"], hparams["batch_size"], hparams["virtual_batch_size"]) == (norm, batch, vbs or 0)
+        assert (hparams["norm"], hparams["batch_size"], hparams.get("virtual_batch_size")) == (norm, batch, vbs)
     assert sorted(os.path.relpath(os.path.dirname(os.path.join(d, f)), root) for d, _, files in os.walk(root)
                   for f in files if f == "summary.json") == sorted(RUNS)  # no other runs
     for name in ("batch_size_train", "batch_size_val", "batch_size_summary"):
         assert os.path.getsize(root / f"{name}.png") > 10_000
-    acc = events(str(root))
+    assert not [f for f in os.listdir(root) if f.startswith("events.")]  # no parent run: figures in the first run
+    acc = events(str(root / RUNS[0]))
+    card = acc.Tensors("experiment/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "**Batch size**" in card and "/(none|torch_bn|renorm|layernorm|ghost)\\d*$" in card
     assert {"batch_size_train/batch05", "batch_size_val/batch50", "batch_size_summary/best_val_acc"} <= set(
         acc.Tags()["images"])
-    assert "Batch size" in acc.Tensors("about/text_summary")[0].tensor_proto.string_val[0].decode()
     # Resumed, the finished runs are read back, not trained again; the figures get new files.
     before = {n: os.path.getmtime(root / n / "summary.json") for n in RUNS}
     assert train.main(["--resume", str(root), "--quiet"]) == 0
@@ -220,7 +222,7 @@ def fake_seeds():
     for k in (0, 1):
         r = {m: {b: fake_summary(b / 100 + k / 10 + (0.01 if m == "torch_bn" else 0), b / 100 + k / 10)
                  for b in (5, 10, 50)} for m in batch_sizes.NORMS}
-        r.update({f"ghost{v:02d}": {50: fake_summary(v / 100 + k / 10, 0.5)} for v in (5, 10)})
+        r.update({f"ghost{v}": {50: fake_summary(v / 100 + k / 10, 0.5)} for v in (5, 10)})
         seeds.append(r)
     return seeds
 
@@ -292,5 +294,5 @@ def test_reproduce_batch_size_alone_replaces_its_section(tiny_cifar, tmp_path):
     assert "--only batch-size --data-dir DIR --no-verify" in text and tiny_cifar not in text
     assert sorted(os.listdir(figures)) == ["batch_size_summary.png", "batch_size_train.png", "batch_size_val.png"]
     (run_root,) = os.listdir(tmp_path / "runs")
-    assert {"bs05", "bs10", "bs50", "batch_size_summary.png"} <= set(os.listdir(tmp_path / "runs" / run_root /
+    assert {"bs5", "bs10", "bs50", "batch_size_summary.png"} <= set(os.listdir(tmp_path / "runs" / run_root /
                                                                                "batch-size" / "seed0"))
