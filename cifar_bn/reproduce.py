@@ -127,8 +127,9 @@ def batch_size_section(data, root: str, seeds: int, epochs: int, progress: bool,
         times.append(time.perf_counter() - t0)
         cpu.append(cpu_seconds() - c0)
     load_after = os.getloadavg()
-    first_run = os.path.join(root, "seed0", batch_sizes.plan(config)[0].name)
-    paths = experiments.publish(root, first_run, batch_sizes.card(f" Over seeds 0-{seeds - 1}: curves are means with "
+    # The figures over all seeds, and their card, in a run of their own (the seeds' runs hold their own).
+    seeds_run = os.path.join(root, "all-seeds")
+    paths = experiments.publish(root, seeds_run, batch_sizes.card(f" Over seeds 0-{seeds - 1}: curves are means with "
                                 f"the min-max range shaded, error bars span the seeds."), batch_sizes.figures(seeds_results))
     os.makedirs(figures_dir, exist_ok=True)
     for path in paths:

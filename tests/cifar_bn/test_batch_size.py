@@ -296,3 +296,7 @@ def test_reproduce_batch_size_alone_replaces_its_section(tiny_cifar, tmp_path):
     (run_root,) = os.listdir(tmp_path / "runs")
     assert {"bs5", "bs10", "bs50", "batch_size_summary.png"} <= set(os.listdir(tmp_path / "runs" / run_root /
                                                                                "batch-size" / "seed0"))
+    # The figures over the seeds are in a run of their own, beside the seeds' (whose own figures are in their first run).
+    seeds_run = events(str(tmp_path / "runs" / run_root / "batch-size" / "all-seeds"))
+    assert "Over seeds 0-0" in seeds_run.Tensors("experiment/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "batch_size_summary/best_val_acc" in seeds_run.Tags()["images"]
