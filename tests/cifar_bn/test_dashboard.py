@@ -208,6 +208,14 @@ def tensorboard_view(logdir):
     return [r.run_name for r in runs], experiment, groups.session_groups
 
 
+def test_every_normalization_has_one_colour_and_compare_starts_the_palette():
+    from cifar_bn.figures import COLOR_NAMES, COMPARE_ORDER
+    assert set(COLORS) == set(models.NORMS) == set(LABELS) and len(set(COLORS.values())) == len(COLORS)
+    assert all(c in TENSORBOARD_PALETTE and c in COLOR_NAMES for c in COLORS.values())
+    # --compare's default runs start in COMPARE_ORDER, so TensorBoard gives them the figures' colours.
+    assert tuple(experiments.COMPARE_NORMS) == COMPARE_ORDER[:len(experiments.COMPARE_NORMS)]
+
+
 def test_every_hparam_has_one_domain_and_one_type():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(HPARAM_DOMAINS) == fields | {"num_train", "device"}  # a new config field needs a domain here
