@@ -141,6 +141,13 @@ def _wait_past_existing_events(run_dir: str) -> None:
         time.sleep(0.05)
 
 
+class NoLogger:
+    """The dashboard of torchrun ranks other than 0: every logging call does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 class RunLogger:
     """One run's dashboard: scalars, histograms, hparams, text and figures in ``run_dir``."""
 

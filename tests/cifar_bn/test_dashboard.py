@@ -8,12 +8,14 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-import cifar_bn.training
+import cifar_bn.lifecycle
 from cifar_bn.dashboard import METRICS, LayerProbe
 from cifar_bn.data import load_cifar10
 from cifar_bn.figures import COLORS, LABELS, activation_std_draws, curve_draws, panels, weight_scale_draws
 from cifar_bn.models import MLP, activation_stds
-from cifar_bn.training import TrainConfig, checks_per_epoch, run
+from cifar_bn.config import TrainConfig
+from cifar_bn.lifecycle import checks_per_epoch
+from cifar_bn.training import run
 
 
 def reference_layers(model, x, norm):
@@ -93,7 +95,7 @@ def events(run_dir):
 
 
 def test_run_dashboard_checks_hparams_and_card(tiny_cifar, tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar_bn.training, "EVAL_COST_SHARE", 100.0)  # ten checks an epoch on tiny data
+    monkeypatch.setattr(cifar_bn.lifecycle, "EVAL_COST_SHARE", 100.0)  # ten checks an epoch on tiny data
     data = load_cifar10(tiny_cifar, num_train=100, num_val=20, num_test=20, verify=False)
     config = TrainConfig(norm="torch_bn", hidden_dims=(8, 8), batch_size=10, weight_scale=0.05, epochs=2)
     summary = run(config, data, str(tmp_path / "r"), progress=False, log_every=3)
