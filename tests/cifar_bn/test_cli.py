@@ -8,8 +8,10 @@ import torch
 
 import train
 from cifar_bn.dashboard import RunLogger
+import cifar_bn.data
 from cifar_bn.data import load_cifar10
-from cifar_bn.training import TrainConfig, run
+from cifar_bn.config import TrainConfig
+from cifar_bn.training import run
 
 QUICK = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet", "--hidden-dims", "8,8",
          "--batch-size", "10", "--weight-scale", "0.05"]
@@ -91,7 +93,8 @@ def test_ctrl_c_keeps_the_checkpoint_prints_resume_and_exits_130(tiny_cifar, tmp
     err = capsys.readouterr().err
     root = str(logdir / "r")
     assert err.count("\n") == 1 and "Traceback" not in err and "interrupted" in err
-    command = err.strip().split("continue with: ")[1]
+    assert "last completed epoch" in err and "restarts from that epoch's end" in err
+    command = err.strip().split("from its start): ")[1]
     assert command == f"python train.py --resume {shlex.quote(root)}"
     assert torch.load(os.path.join(root, "checkpoint.pt"), weights_only=True)["epoch"] == 1
     assert not [f for f in os.listdir(root) if f.endswith(".tmp")]
@@ -110,7 +113,7 @@ def test_ctrl_c_while_loading_writes_nothing(tiny_cifar, tmp_path, capsys, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "load_cifar10", interrupted)
+    monkeypatch.setattr(cifar_bn.data, "load_cifar10", interrupted)
     assert train.main(launch_args(tiny_cifar, tmp_path / "runs")) == 130
     assert capsys.readouterr().err == "train.py: interrupted before the run started; nothing was written\n"
     assert not os.path.exists(tmp_path / "runs")
@@ -179,5 +182,28 @@ def test_reproduce_refuses_bad_options_and_missing_data_before_writing(tmp_path,
     assert reproduce.main(["--seeds", "0", "--logdir", str(logdir)]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert reproduce.main(["--data-dir", str(tmp_path / "nowhere"), "--no-verify", "--logdir", str(logdir)]) == 2
-    assert "CIFAR-10 is incomplete" in capsys.readouterr().err
+    assert "CIFAR-10 not found" in capsys.readouterr().err
     assert not os.path.exists(logdir)
+
+
+@pytest.mark.slow
+def test_reproduce_writes_every_result_and_figure(tiny_cifar, tmp_path, monkeypatch):
+    """The whole script on the tiny data set (its experiments on 100 images, 2 epochs): every section
+    of the results file, with the spread over seeds, and the README's figures."""
+    from cifar_bn import reproduce
+
+    for name in ("deep", "weight-scale"):
+        monkeypatch.setitem(reproduce.PRESETS, name, {**reproduce.PRESETS[name], "num_train": 100, "epochs": 2,
+                                                         "hidden_dims": (8, 8)})
+    monkeypatch.setattr(reproduce, "TrainConfig", lambda **kw: TrainConfig(**{"hidden_dims": (8,), "epochs": 2, **kw}))
+    out, figures = tmp_path / "results.md", tmp_path / "figures"
+    assert reproduce.main(["--data-dir", tiny_cifar, "--no-verify", "--num-val", "20", "--num-test", "20",
+                           "--seeds", "2", "--compare-seeds", "2", "--thread-seeds", "1", "--num-scales", "2",
+                           "--overhead-repeats", "1", "--logdir", str(tmp_path / "runs"), "--out", str(out),
+                           "--figures", str(figures), "--quiet"]) == 0
+    text = out.read_text()
+    for section in ("## Deep network", "### 1 vs 2 threads", "## Weight-initialization scale",
+                    "## Compare on the full training set", "seeds 0-1, mean (min-max)", "Seed 0 again at",
+                    "## Cost of the per-layer dashboard statistics"):
+        assert section in text, section
+    assert sorted(os.listdir(figures)) == ["activation_std.png", "compare.png", "deep.png", "weight_scale.png"]
