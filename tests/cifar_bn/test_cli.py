@@ -55,6 +55,15 @@ def launch_args(tiny_cifar, logdir, *extra):
     (["--experiment", "weight-scale", "--num-scales", "0"], "--num-scales: expected a positive integer"),
     (["--lr"], "--lr: expected one argument"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    # A flag the mode would ignore is refused, not ignored.
+    (["--compare", "--norm", "nn"], "--compare trains every normalization (torch_bn, nn and none), so --norm nn "
+                                    "would be ignored; drop --norm"),
+    (["--compare", "--batchnorm"], "so --batchnorm would be ignored; drop --batchnorm"),
+    (["--experiment", "deep", "--norm", "none"], "--experiment deep trains batch norm (torch_bn) and no "
+                                                 "normalization, so --norm none would be ignored"),
+    (["--experiment", "weight-scale"], "so --weight-scale 0.05 would be ignored; drop --weight-scale"),
+    (["--num-scales", "3"], "--num-scales sets the scales of --experiment weight-scale"),
+    (["--data-dir", "nowhere"], "CIFAR-10 not found"),
 ])
 def test_bad_launch_is_one_line_exit_2_and_leaves_nothing(flags, says, tiny_cifar, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -117,6 +126,45 @@ def test_ctrl_c_while_loading_writes_nothing(tiny_cifar, tmp_path, capsys, monke
     assert train.main(launch_args(tiny_cifar, tmp_path / "runs")) == 130
     assert capsys.readouterr().err == "train.py: interrupted before the run started; nothing was written\n"
     assert not os.path.exists(tmp_path / "runs")
+
+
+def folder_state(root) -> dict[str, bytes]:
+    """Every file under root with its bytes: what a refused launch must leave as it was."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("mode, damaged", [([], "checkpoint.pt"), ([], "summary.json"), ([], "run.json"),
+                                           (["--compare"], os.path.join("nn", "checkpoint.pt")),
+                                           (["--experiment", "weight-scale", "--vectorized", "--num-scales", "2"],
+                                            "vectorized_checkpoint.pt")])
+def test_resume_of_a_damaged_run_is_one_line_and_changes_nothing(mode, damaged, tiny_cifar, tmp_path, capsys):
+    """The issue's reproducer: the first 1,000 bytes of a checkpoint kept (or a summary or run.json
+    cut short), the summaries removed, then --resume RUN --epochs 3."""
+    logdir = tmp_path / "runs"
+    root = logdir / "r"
+    flags = launch_args(tiny_cifar, logdir, "--epochs", "2", *mode)
+    if "--experiment" in mode:  # the experiment sweeps the weight scale, on 1,000 images unless told
+        at = flags.index("--weight-scale")
+        flags = flags[:at] + flags[at + 2:] + ["--num-train", "100"]
+    assert train.main(flags) == 0
+    path = root / damaged
+    path.write_bytes(path.read_bytes()[:1000] if damaged.endswith(".pt") else b'{"config": {"epo')
+    if damaged.endswith(".pt"):
+        for summary in root.rglob("summary.json"):
+            summary.unlink()
+    capsys.readouterr()
+    before = folder_state(root)
+    assert train.main(["--resume", str(root), "--epochs", "3", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"train.py: error: {path} is damaged and cannot be read back")
+    assert "nothing was changed" in err and "move it aside" in err
+    assert folder_state(root) == before  # nothing renamed, written or removed
 
 
 def test_resume_with_more_epochs_extends_the_run(tiny_cifar, tmp_path):
