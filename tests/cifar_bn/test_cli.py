@@ -255,3 +255,13 @@ def test_reproduce_writes_every_result_and_figure(tiny_cifar, tmp_path, monkeypa
                     "## Cost of the per-layer dashboard statistics"):
         assert section in text, section
     assert sorted(os.listdir(figures)) == ["activation_std.png", "compare.png", "deep.png", "weight_scale.png"]
+    # --only regenerates one result: its section is replaced, the others are kept as they were.
+    assert reproduce.main(["--data-dir", tiny_cifar, "--no-verify", "--num-val", "20", "--num-test", "20",
+                           "--only", "compare", "--compare-seeds", "1", "--logdir", str(tmp_path / "runs"),
+                           "--out", str(out), "--figures", str(figures), "--quiet"]) == 0
+    again = out.read_text()
+    compare = again.index("## Compare on the full training set")
+    assert again[:compare] == text[:text.index("## Compare on the full training set")]
+    assert "Regenerated alone by `python -m cifar_bn.reproduce --data-dir DIR" in again[compare:]
+    assert "seeds 0-0, mean (min-max)" in again and "## Cost of the per-layer" in again
+    assert reproduce.main(["--only", "deep", "--out", str(tmp_path / "none.md")]) == 2
