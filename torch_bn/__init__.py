@@ -8,7 +8,13 @@ from .function import BatchNormFunction
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
                       LazyBatchNorm3d, convert)
 from .sync_batchnorm import DistributedDataParallel, SyncBatchNorm, convert_sync_batchnorm
+from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
+from .recalibrate import recalibrate
+from .fold import fold
+from .batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
 __all__ = ["BatchNormFunction", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
            "LazyBatchNorm2d", "LazyBatchNorm3d", "convert", "func", "functional", "ops",
-           "SyncBatchNorm", "convert_sync_batchnorm", "DistributedDataParallel"]
+           "SyncBatchNorm", "convert_sync_batchnorm", "DistributedDataParallel",
+           "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
+           "recalibrate", "fold", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
