@@ -7,7 +7,7 @@
     python train.py --experiment weight-scale --vectorized        # the same, all 40 runs at once (vmap)
     python train.py --resume runs/NAME [--epochs N]               # continue an interrupted run, or extend one
     torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
-    tensorboard --logdir runs                                     # the dashboards
+    tensorboard --logdir runs/NAME                                # a launch's dashboards (the folder it printed)
 
 CIFAR-10 is downloaded into --data-dir (default ./data) on the first run; offline, put the folder
 cifar-10-batches-py (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted) there.
@@ -210,7 +210,8 @@ def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
 def default_run_name(plan: dict) -> str:
     c = plan["config"]
     what = plan["mode"] if plan["mode"] != "single" else c["norm"]
-    return f"{time.strftime('%Y%m%d-%H%M%S')}_{what}_{c['optimizer']}_lr{c['lr']:g}_seed{c['seed']}"
+    # What the launch is first (TensorBoard's run list is read from the left), its time last.
+    return f"{what}_{c['optimizer']}_lr{c['lr']:g}_seed{c['seed']}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def load_data(plan: dict):
@@ -252,7 +253,7 @@ def report(summaries: dict, root: str) -> None:
     for name, s in summaries.items():
         print(f"{name:<34} {s['final_train_acc']:>15.3f} {s['best_val_acc']:>12.3f} {s['test_acc']:>8.3f} "
               f"{s['wall_time_s']:>7.1f}")
-    print(f"runs in {root}; dashboards: tensorboard --logdir {os.path.dirname(root.rstrip('/')) or '.'}")
+    print(f"runs in {root}; dashboards: tensorboard --logdir {shlex.quote(root)}")
 
 
 def plan_for(args: argparse.Namespace) -> tuple[dict, str | None]:

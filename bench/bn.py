@@ -146,7 +146,7 @@ def bench_mlp_shape(shape, measure) -> dict:
         return run
 
     enabled = torch_bn.cpp.ENABLED
-    row: dict = {"shape": list(shape), "path": torch_bn.function.choose_path(x, layer=True)}
+    row: dict = {"shape": list(shape), "path": torch_bn.dispatch.choose_path(x)}
     for kind, make in (("fwd", lambda k: forward_only(m[k], x)), ("fwdbwd", lambda k: forward_backward(m[k], x, dy))):
         times = measure({"native": make("native"), "torch_bn": make("torch_bn"),
                          "python": python_path(make("torch_bn"))})

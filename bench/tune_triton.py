@@ -21,7 +21,7 @@ import time
 import torch
 
 from bench.bn import forward_backward, implementations, timer
-from torch_bn import function
+from torch_bn import dispatch
 
 CHUNKED = {"PROGRAMS_PER_SM": [2, 4, 8], "TILE_ELEMENTS": [2048, 4096, 8192]}
 SMALL = {"SMALL_ELEMENTS": [4096, 16384]}
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args()
     if args.device != "cuda":  # the kernels in Triton's interpreter (TRITON_INTERPRET=1): a smoke run
-        function.TRITON_ON_CPU = True
+        dispatch.TRITON_ON_CPU = True
     try:
         from torch_bn import triton_kernels as kernels
     except ImportError as e:

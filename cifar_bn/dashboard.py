@@ -9,8 +9,12 @@ the epoch), so a resumed run can drop events past its checkpoint with ``purge_st
 - ``layer<i>/...`` per layer, every ``log_every`` iterations: mean and std of the Linear's output
   (``pre_norm``; for a model without normalization, the Linear output feeding the activation) and
   of the batch norm's output (``post_norm``), and the norm of the Linear weight's gradient; per
-  epoch, histograms of those outputs and of the batch norm's parameters and running statistics;
-- the hparams plugin's experiment (the declared hparams and metrics) and session, a text card.
+  epoch, histograms of those outputs and of the batch norm's parameters and running statistics
+  (the running variance as its square root, ``bn_running_std``);
+- the hparams plugin's experiment (every hparam with its domain, and the metrics; the same in
+  every run) and session (no trial id: TensorBoard keys the row by the run's path under the logdir);
+- the custom scalars layout: each layer's pre- and post-norm mean and std on one chart;
+- text cards, and the figures of an experiment (in its first run).
 """
 from __future__ import annotations
 
@@ -20,29 +24,114 @@ from typing import Any
 
 import torch
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.plugins.hparams import summary_v2 as hp
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
+from .config import NORMS
 from .models import hidden_layers, weighted_layers
 
-# The hparams as the HParams tab lists them: what the experiments vary first, then the rest.
-HPARAMS = ("norm", "weight_scale", "num_train", "lr", "optimizer", "seed", "epochs", "batch_size", "hidden_dims",
-           "dropout", "reg", "lr_decay", "device")
+# Every hparam a run declares, with its domain: discrete for the categorical ones (every value
+# the application accepts, so HParams' checkbox filters start with all of them), numeric intervals
+# for the rest (what TrainConfig accepts; where it has no upper bound, a bound above any value that
+# trains on CIFAR-10: HParams' interval filters start empty, so a run beyond one is still listed).
+# Every run declares the same set with the same domains: HParams takes the declaration of any one run.
+NORM_DOMAIN = NORMS
+OPTIMIZER_DOMAIN = ("adam", "sgd", "sgd_momentum", "rmsprop")  # config.OPTIMIZERS (a test keeps them equal)
+HPARAM_DOMAINS: dict[str, hp.Domain | None] = {
+    "norm": hp.Discrete(list(NORM_DOMAIN)),
+    "weight_scale": hp.RealInterval(0.0, 10.0),  # absent for PyTorch's default init
+    "batch_size": hp.IntInterval(1, 50_000),  # CIFAR-10 has 50,000 training images
+    "num_train": hp.IntInterval(1, 50_000),
+    "lr": hp.RealInterval(0.0, 10.0),
+    "optimizer": hp.Discrete(list(OPTIMIZER_DOMAIN)),
+    "epochs": hp.IntInterval(1, 100_000),
+    "seed": hp.IntInterval(0, 2**63 - 1),
+    "hidden_dims": None,  # widths as text ("100,100"): HParams filters it by regular expression
+    "dropout": hp.RealInterval(0.0, 1.0),
+    "reg": hp.RealInterval(0.0, 1e3),
+    "lr_decay": hp.RealInterval(0.0, 10.0),
+    "device": hp.Discrete(["cpu", "cuda"]),
+    "sync_bn": hp.Discrete([False, True]),
+}
+# What the experiments vary, marked `differs`: HParams sorts the declared hparams by `differs`,
+# then by name, and ticks the first five, so these are always shown.
+VARIED = ("norm", "weight_scale", "batch_size")
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")  # each batch norm's, histogrammed per epoch
 HISTOGRAM_BINS = 64  # fixed bins: ~10x cheaper to write than SummaryWriter's default edges, as legible
 # The metrics the HParams tab shows: the last value of these scalar curves (no extra scalars).
 METRICS = (("accuracy/best_val", "best val acc"), ("accuracy/val", "final val acc"),
            ("accuracy/train", "final train acc"), ("loss/train_epoch", "final epoch loss"))
+# The most runs under one logdir for which TensorBoard's Scalars, Images, Text and Histograms
+# dashboards select every run when they open (above it they select none): each launch of
+# train.py is one logdir and writes at most this many runs.
+MAX_RUNS_PER_LOGDIR = 40
 
 
 def hparam_values(config: dict[str, Any], num_train: int, device: str) -> dict[str, bool | int | float | str]:
     """The run's hparams as the plugin takes them: the config with the training-set size and the
-    device actually used; PyTorch's default init (weight_scale None) reads "default"."""
+    device actually used, each of one type in every run (str, bool, or a number); an unset field
+    (PyTorch's default init: weight_scale None) is left out, so HParams shows it blank."""
     values = {**config, "num_train": num_train, "device": device}
-    if values.get("weight_scale") is None:
-        values["weight_scale"] = "default"
-    return {k: (v if isinstance(v, (bool, int, float, str)) else ",".join(map(str, v))
-                if isinstance(v, (list, tuple)) else str(v)) for k, v in values.items()}
+    unknown = sorted(set(values) - set(HPARAM_DOMAINS))
+    if unknown:
+        raise ValueError(f"hparams {', '.join(unknown)} have no domain in cifar_bn.dashboard.HPARAM_DOMAINS; "
+                         f"declare them there")
+    out: dict[str, bool | int | float | str] = {}
+    for name, v in values.items():
+        if v is None:
+            continue
+        domain = HPARAM_DOMAINS[name]
+        if isinstance(v, (list, tuple)):
+            v = ",".join(map(str, v))
+        elif isinstance(domain, hp.RealInterval):
+            v = float(v)
+        elif isinstance(domain, hp.IntInterval):
+            v = int(v)
+        out[name] = v
+    return out
+
+
+def bn_histogram(name: str, values: Tensor) -> tuple[str, Tensor]:
+    """The tag (after ``layer<i>/``) and values of the histogram of a batch norm's tensor ``name``:
+    running_var as its square root, ``bn_running_std``, on the scale of ``pre_norm_std`` (variances
+    up to 1e5 give tick labels that overlap); the others as they are, ``bn_<name>``."""
+    if name == "running_var":
+        return "bn_running_std", values.clamp_min(0).sqrt()
+    return f"bn_{name}", values
+
+
+def hparams_config_pb() -> Summary:
+    """The hparams plugin's experiment: every hparam of HPARAM_DOMAINS with its domain, the
+    VARIED ones marked ``differs``, and METRICS; the same for every run."""
+    infos = []
+    for name, domain in HPARAM_DOMAINS.items():
+        info = api_pb2.HParamInfo(name=name, differs=name in VARIED)
+        if domain is not None:
+            domain.update_hparam_info(info)
+        else:
+            info.type = api_pb2.DATA_TYPE_STRING
+        infos.append(info)
+    metrics = [hp.Metric(tag, display_name=name).as_proto() for tag, name in METRICS]
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+    summary = Summary()
+    summary.value.add(tag=hp_metadata.EXPERIMENT_TAG, tensor=hp_metadata.NULL_TENSOR,
+                      metadata=hp_metadata.create_summary_metadata(
+                          plugin_data_pb2.HParamsPluginData(experiment=experiment)))
+    return summary
+
+
+def layer_layout(layers: int) -> dict:
+    """The custom scalars layout: per hidden layer, one chart of the Linear output's and the batch
+    norm's output's mean and std (``layer<i>/(pre|post)_norm_(mean|std)``). On one chart they share
+    one scale, and with batch norm that scale spans at least its output's mean (beta, near 0) to
+    its std (gamma, near 1): a deviation of 0.001 stays a thousandth of the axis instead of being
+    autoscaled into a drift, and the pre-norm values (0.01 or 200) stand against it."""
+    charts = {f"layer {i}: mean and std, before and after the norm":
+              ["Multiline", [rf"^layer{i}/(pre|post)_norm_(mean|std)$"]] for i in range(1, layers + 1)}
+    return {"per-layer statistics": charts}
 
 
 @torch.no_grad()
@@ -155,14 +244,15 @@ class RunLogger:
         _wait_past_existing_events(run_dir)
         self.writer = SummaryWriter(run_dir, purge_step=purge_step)
 
-    def start(self, hparams: dict[str, Any], trial_id: str, card: str) -> None:
-        """A fresh run's hparams (declared experiment + this session) and its text card, at step 0."""
-        declared = [hp.HParam(name) for name in HPARAMS if name in hparams]
-        declared += [hp.HParam(name) for name in sorted(hparams) if name not in HPARAMS]
-        metrics = [hp.Metric(tag, display_name=name) for tag, name in METRICS]
+    def start(self, config: dict[str, Any], num_train: int, device: str, card: str) -> None:
+        """A fresh run's dashboard at step 0: the hparams experiment and this run's session (its
+        trial id left empty, so TensorBoard uses the run's path under the logdir it opens: one
+        HParams row per run, whatever the logdir), the per-layer custom scalars layout and the
+        text card."""
         fw = self.writer.file_writer
-        fw.add_summary(hp.hparams_config_pb(declared, metrics), 0)
-        fw.add_summary(hp.hparams_pb(hparams, trial_id=trial_id), 0)
+        fw.add_summary(hparams_config_pb(), 0)
+        fw.add_summary(hp.hparams_pb(hparam_values(config, num_train, device), trial_id=""), 0)
+        self.writer.add_custom_scalars(layer_layout(len(config["hidden_dims"])))
         self.text("about", card, 0)
 
     def iteration(self, step: int, loss: float) -> None:
@@ -182,11 +272,11 @@ class RunLogger:
         for (i, name), out in sorted(probe.outputs.items()):
             self.writer.add_histogram(f"layer{i}/{name}", out.float().cpu(), step, bins=HISTOGRAM_BINS)
         for i, layer in enumerate(probe.layers, 1):
-            for name in ("weight", "bias", "running_mean", "running_var"):
+            for name in BN_TENSORS:
                 t = getattr(layer.norm, name, None)
                 if t is not None:
-                    self.writer.add_histogram(f"layer{i}/bn_{name}", t.detach().float().cpu(), step,
-                                              bins=HISTOGRAM_BINS)
+                    tag, values = bn_histogram(name, t.detach().float().cpu())
+                    self.writer.add_histogram(f"layer{i}/{tag}", values, step, bins=HISTOGRAM_BINS)
 
     def epoch_scalars(self, step: int, lr: float, epoch_loss: float | None, best_val_acc: float) -> None:
         """The per-epoch scalars of :meth:`epoch`: lr, best val accuracy so far, the epoch's mean loss."""

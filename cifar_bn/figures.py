@@ -17,9 +17,33 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-COLORS = {"torch_bn": "#1f77b4", "nn": "#2ca02c", "none": "#d62728"}
+# TensorBoard's run colours (2.x, its default palette): it lists a logdir's runs in the order they
+# started (first event) and gives the i-th PALETTE[i % 7]; a log cannot choose a colour.
+TENSORBOARD_PALETTE = ("#ff7043", "#0077bb", "#cc3311", "#33bbee", "#ee3377", "#009988", "#bbbbbb")
+# The experiments train batch norm first, then none, then nn.BatchNorm1d (COMPARE_ORDER), so these
+# are also the colours of their runs in TensorBoard's charts (a sweep's many runs excepted).
+COMPARE_ORDER = ("torch_bn", "none", "nn")
+COLORS = dict(zip(COMPARE_ORDER, TENSORBOARD_PALETTE))
 LABELS = {"torch_bn": "batch norm (torch_bn)", "nn": "nn.BatchNorm1d", "none": "no normalization"}
-CARD = (6.4, 4.0)  # inches at 100 dpi: 640 x 400 px, the shape of a TensorBoard image card
+COLOR_NAMES = {"#ff7043": "orange", "#0077bb": "blue", "#cc3311": "red"}
+CARD = (5.0, 3.4)  # inches at 100 dpi: 500 x 340 px; the Images dashboard shows it about 340 px wide
+FONT = 13  # points: about 12 px on screen where TensorBoard shrinks the image to its ~340 px card
+
+
+def colour_note(norms: list[str], charts: bool) -> str:
+    """The text card's line on colours; charts: whether TensorBoard's charts use the figures' colours
+    (each norm one run, started in COMPARE_ORDER)."""
+    names = ", ".join(f"{LABELS[n]} {COLOR_NAMES[COLORS[n]]}" for n in norms)
+    if charts:
+        return (f"Colours: {names}, in the figures and in the Scalars, Custom Scalars, Images and Histograms "
+                f"charts (TensorBoard colours runs in the order they started; a log cannot choose a colour). "
+                f"Time Series picks its own colours: set them with the palette in its runs table.")
+    regex = "/(" + "|".join(norms) + ")$"
+    return (f"Colours: in the figures {names}. TensorBoard colours runs in the order they started and a log "
+            f"cannot choose a colour, so with this many runs its charts repeat seven colours; to colour them by "
+            f"normalization, open Time Series and colour its runs by the regex `{regex}` (the palette in its "
+            f"runs table).")
+
 
 Panel = Callable[[Axes], None]
 
@@ -28,8 +52,9 @@ def panels(draws: dict[str, Panel]) -> dict[str, Figure]:
     """One card-sized figure per panel: name -> Figure."""
     out = {}
     for name, draw in draws.items():
-        fig, ax = plt.subplots(figsize=CARD, dpi=100)
-        draw(ax)
+        with plt.rc_context({"font.size": FONT}):
+            fig, ax = plt.subplots(figsize=CARD, dpi=100)
+            draw(ax)
         fig.tight_layout()
         out[name] = fig
     return out
@@ -87,7 +112,7 @@ def curve_draws(histories: dict[str, dict]) -> dict[str, Panel]:
             ax.legend(loc="best")
         return draw
 
-    return {"loss": loss, "train_accuracy": accuracy("train_acc", "Training accuracy (1,000-image sample)"),
+    return {"loss": loss, "train_accuracy": accuracy("train_acc", "Training accuracy (1,000 images)"),
             "val_accuracy": accuracy("val_acc", "Validation accuracy")}
 
 
@@ -99,15 +124,15 @@ def weight_scale_draws(scales: list[float], results: dict[str, list[dict]]) -> d
         def draw(ax: Axes) -> None:
             for norm, summaries in results.items():
                 ax.semilogx(scales, [s[key] for s in summaries], "-o", color=COLORS[norm], label=LABELS[norm])
-            ax.set(title=f"{ylabel} vs weight init scale", xlabel="weight initialization scale", ylabel=ylabel)
+            ax.set(title=f"{ylabel} vs init scale", xlabel="weight initialization scale", ylabel=ylabel)
             if key == "final_loss":
                 ax.set_ylim(1.0, 3.5)  # as the notebook: diverged runs (huge loss) go off the top
             ax.legend(loc="best")
         return draw
 
-    return {"best_val_acc": panel("best_val_acc", "Best val accuracy"),
-            "best_train_acc": panel("best_train_acc", "Best training accuracy"),
-            "final_loss": panel("final_loss", "Final training loss")}
+    return {"best_val_acc": panel("best_val_acc", "Best val acc"),
+            "best_train_acc": panel("best_train_acc", "Best train acc"),
+            "final_loss": panel("final_loss", "Final loss")}
 
 
 def activation_std_draws(runs: dict[str, tuple[float, dict[str, dict]]]) -> dict[str, Panel]:
@@ -124,7 +149,7 @@ def activation_std_draws(runs: dict[str, tuple[float, dict[str, dict]]]) -> dict
                             label=f"{LABELS[norm]}, init")
                 ax.semilogy(depth, stds["final"], "-o", markersize=4, color=COLORS[norm],
                             label=f"{LABELS[norm]}, trained")
-            ax.set(title=title, xlabel="hidden layer (depth)", ylabel="std of the layer's output (after ReLU)")
+            ax.set(title=title, xlabel="hidden layer (depth)", ylabel="output std (after ReLU)")
             ax.set_xticks(depth)
             ax.legend(loc="best", fontsize="small")
         return draw

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .dashboard import NoLogger, RunLogger, hparam_values
+from .dashboard import NoLogger, RunLogger
 from .data import CIFAR10Data
 from .runs import SUMMARY, RunExistsError, holds_run, keep_aside, read_json, save_checkpoint, write_json
 
@@ -109,7 +109,8 @@ def run_card(config: TrainConfig, num_train: int, device: str) -> str:
             f"epoch; the best-val weights are tested at the end). `layer<i>/pre_norm_*` is the Linear output, "
             f"`layer<i>/post_norm_*` the batch norm's (absent without normalization): with batch norm the "
             f"post-norm std stays near its gamma at every depth whatever the pre-norm scale; without it the "
-            f"Linear outputs shrink or grow layer by layer. `layer<i>/weight_grad_norm`: how large an update "
+            f"Linear outputs shrink or grow layer by layer; Custom Scalars shows each layer's pre- and post-norm "
+            f"mean and std on one chart, one scale. `layer<i>/weight_grad_norm`: how large an update "
             f"each layer gets. Histograms: the same outputs per epoch, and the batch-norm tensors.")
 
 
@@ -187,9 +188,8 @@ class Lifecycle:
                 os.makedirs(d, exist_ok=True)
         self.loggers = [RunLogger(d, purge_step=purge) if self.is_main else NoLogger() for d in self.run_dirs]
         if checkpoint is None:
-            for config, d, logger in zip(self.configs, self.run_dirs, self.loggers):
-                logger.start(hparam_values(asdict(config), self.num_train, self.device),
-                             os.path.basename(os.path.normpath(d)), run_card(config, self.num_train, self.device))
+            for config, logger in zip(self.configs, self.loggers):
+                logger.start(asdict(config), self.num_train, self.device, run_card(config, self.num_train, self.device))
 
     @property
     def step(self) -> int:

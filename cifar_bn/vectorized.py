@@ -28,14 +28,13 @@ from torch import Tensor, nn
 
 import torch_bn
 from .config import VECTORIZED_NORMS, TrainConfig, check_vectorized
-from .dashboard import histogram_protos
+from .dashboard import BN_TENSORS, bn_histogram, histogram_protos
 from .data import CIFAR10Data
 from .lifecycle import LOG_EVERY, Lifecycle, build_optimizer, read_back
 from .models import hidden_layers
 from .runs import VECTORIZED_CHECKPOINT, load_checkpoint
 from .training import build_model
 
-BN_TENSORS = ("weight", "bias", "running_mean", "running_var")  # the batch-norm histograms, as RunLogger.epoch
 PROBED = ("pre_norm", "post_norm")  # the outputs the dashboard's per-layer statistics describe
 
 
@@ -112,10 +111,14 @@ class _Group:
 
     def norm_tensors(self) -> dict[str, Tensor]:
         """The batch-norm tensors RunLogger.epoch histograms, stacked (K, H), by their tag in a run's
-        dashboard (``layer<i>/bn_<name>``); none without batch norm."""
+        dashboard (as :func:`~cifar_bn.dashboard.bn_histogram` makes them); none without batch norm."""
         pick = {**self.params, **self.buffers}
-        return {f"layer{i}/bn_{t}": pick[f"{name}.{t}"].detach()
-                for i, name in enumerate(self.norm_names, 1) for t in BN_TENSORS}
+        tensors = {}
+        for i, name in enumerate(self.norm_names, 1):
+            for t in BN_TENSORS:
+                tag, values = bn_histogram(t, pick[f"{name}.{t}"].detach())
+                tensors[f"layer{i}/{tag}"] = values
+        return tensors
 
 
 class VectorizedTrainer(Lifecycle):

@@ -1,4 +1,6 @@
-"""The compiled CPU op torch_bn_cpp::batch_norm_train against float64, nn.BatchNorm and gradcheck."""
+"""The compiled CPU ops (torch_bn_cpp::batch_norm_forward / batch_norm_backward) as the bodies of
+BatchNormFunction, pinned with use_path("cpp"): against float64, nn.BatchNorm and gradcheck; the
+ops themselves under torch.library.opcheck; and how the library is built and loaded."""
 import os
 import subprocess
 import sys
@@ -9,7 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
+import torch_bn
 from torch_bn import cpp
+from torch_bn.functional import batch_norm
 
 from helpers import float64_reference
 
@@ -17,13 +21,25 @@ SHAPES = [(50, 100), (50, 50), (6, 3), (4, 3, 5), (3, 2, 3, 4)]
 
 
 @pytest.fixture(scope="module")
-def op():
-    """The op, built here if no earlier test built it (about a minute, once per source version)."""
+def ops():
+    """The compiled ops, built here if no earlier test built them (once per source version)."""
     if not cpp.ENABLED:
         pytest.skip("the compiled op is switched off by TORCH_BN_CPP=0")
     built = cpp.op()
     assert built is not None, "the compiled op could not be built (see the RuntimeWarning)"
     return built
+
+
+@pytest.fixture(scope="module")
+def op(ops):
+    """A training-mode layer, op(x, weight, bias, running_mean, running_var, momentum, eps), run by
+    torch_bn.functional.batch_norm with the compiled ops pinned as BatchNormFunction's bodies."""
+    def layer(x, weight, bias, running_mean, running_var, momentum, eps):
+        with torch_bn.use_path("cpp"):
+            y = batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        assert y.grad_fn is None or issubclass(y.grad_fn._forward_cls, torch_bn.BatchNormFunction)
+        return y
+    return layer
 
 
 def inputs(shape, dtype, seed=0, scale=3.0, offset=1.0):
@@ -98,7 +114,8 @@ def test_gradcheck_and_gradgradcheck(op, shape, affine):
     def f(x, w=None, b=None):
         return op(x, w, b, None, None, 0.1, 1e-5)
 
-    # check_batched_grad: vmap over the backward, whose gradient is then a functorch wrapper.
+    # The first-order check runs the C++ backward; check_batched_grad (vmap over the backward)
+    # and gradgradcheck (a recorded backward) run the reference's, as choose_path says.
     assert gradcheck(f, args, check_batched_grad=True)
     assert gradgradcheck(f, args, check_batched_grad=True)
 
@@ -116,16 +133,6 @@ def test_running_statistics_move_as_pytorch_moves_them(op, momentum, shape):
         F.batch_norm(x, *theirs, w, b, True, momentum, 1e-5)
         for a, t in zip(ours, theirs):
             torch.testing.assert_close(a, t, rtol=1e-6, atol=1e-6)
-
-
-def test_running_statistics_are_optional_and_kept_in_their_dtype(op):
-    x, w, b, _ = inputs((8, 3), torch.float64)
-    rm32, rv64 = torch.zeros(3, dtype=torch.float32), torch.ones(3, dtype=torch.float64)
-    op(x, w, b, rm32, None, 0.5, 1e-5)
-    op(x, w, b, None, rv64, 0.5, 1e-5)
-    assert rm32.dtype == torch.float32 and rv64.dtype == torch.float64
-    torch.testing.assert_close(rm32, (0.5 * x.mean(0)).float())
-    torch.testing.assert_close(rv64, 0.5 + 0.5 * x.var(0))
 
 
 def test_constant_and_offset_features_in_float32(op):
@@ -180,9 +187,60 @@ def test_any_shape_and_scale_float64(op, n, c, spatial, scale, offset, affine, e
     (torch.randn(4), None, "expects input of shape"),
     (torch.randint(0, 5, (4, 3)), None, "expects a floating-point input"),
 ])
-def test_bad_input_raises_clear_error(op, x, weight, message):
+def test_bad_input_raises_clear_error(ops, x, weight, message):
+    """The ops check their input themselves (torch_bn.functional checks it before them)."""
     with pytest.raises(RuntimeError, match=message):
-        op(x, weight, None, None, None, 0.1, 1e-5)
+        ops.forward(x, weight, None, None, None, 0.1, 1e-5)
+
+
+def test_bad_backward_input_raises_clear_error(ops):
+    x = torch.randn(6, 3)
+    _, mean, _, rstd = ops.forward(x, None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="gradient's dtype"):
+        ops.backward(x.double(), x, None, mean, rstd, True)
+    with pytest.raises(RuntimeError, match="mean and rstd must be"):
+        ops.backward(x, x, None, mean.double(), rstd, True)
+
+
+def opcheck_inputs():
+    """(forward args, backward args) for opcheck: dtypes, layouts, with and without affine."""
+    cases = []
+    for shape, dtype, fmt, affine in [((6, 3), torch.float32, None, True), ((5, 4, 3), torch.float64, None, False),
+                                      ((2, 3, 4, 5), torch.float32, torch.channels_last, True),
+                                      ((2, 3, 2, 3, 2), torch.float64, torch.channels_last_3d, True),
+                                      ((4, 3, 2), torch.bfloat16, None, True), ((8, 5), torch.float16, None, False)]:
+        x, w, b, dy = inputs(shape, dtype)
+        if fmt is not None:
+            x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+        if not affine:
+            w = b = None
+        strided_dy = dy.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+        c = shape[1]
+        stats = (torch.zeros(c, dtype=w.dtype if affine else x.dtype), torch.ones(c, dtype=w.dtype if affine else x.dtype))
+        running = stats if len(cases) % 2 == 0 else (None, None)
+        cases.append(((x, w, b, *running, 0.1, 1e-5), (dy, x, w, True), (strided_dy, x, w, False)))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(opcheck_inputs())))
+def test_opcheck(ops, case):
+    """torch.library.opcheck: schema, fake (Meta) kernels against the real outputs' shapes,
+    dtypes and strides, and torch.compile's view of the ops. The ops have no autograd formula by
+    design (BatchNormFunction is the node), so the inputs do not require grad."""
+    forward_args, backward_args, backward_other = opcheck_inputs()[case]
+    torch.library.opcheck(ops.forward, forward_args)
+    _, mean, _, rstd = ops.forward(*forward_args)
+    for dy, x, w, need_dx in (backward_args, backward_other):
+        torch.library.opcheck(ops.backward, (dy, x, w, mean, rstd, need_dx))
+
+
+def test_backward_without_dx_returns_an_empty_tensor(ops):
+    x, w, _, dy = inputs((6, 3), torch.float32)
+    _, mean, _, rstd = ops.forward(x, w, None, None, None, 0.1, 1e-5)
+    dx, dw, db = ops.backward(dy, x, w, mean, rstd, False)
+    full = ops.backward(dy, x, w, mean, rstd, True)
+    assert dx.shape == (0,)
+    torch.testing.assert_close((dw, db), full[1:])
 
 
 @pytest.mark.slow
@@ -263,3 +321,49 @@ def test_a_built_op_loads_directly(op, tmp_path):
         f.write(b"not a library")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.stdout.split() == ["False", "True", "1"], result.stdout + result.stderr
+
+
+LAYER_CODE = ("import torch, torch_bn\n"
+              "x = torch.randn(50, 100, dtype=torch.float64, requires_grad=True)\n"
+              "with torch_bn.use_path('cpp'):\n"
+              "    y = torch_bn.BatchNorm1d(100, dtype=torch.float64)(x)\n"
+              "    y.square().sum().backward()\n"
+              "ref = torch.nn.functional.batch_norm(x.detach(), None, None, training=True)\n"
+              "torch.testing.assert_close(y, ref)\n"
+              "print('ok')\n")
+
+
+@pytest.mark.slow
+def test_two_processes_start_with_an_empty_cache(tmp_path):
+    """`python -m torch_bn.build` and a training process start at once with an empty
+    TORCH_EXTENSIONS_DIR: one builds (a line on stderr when it starts and one when it ends), the
+    other waits for it and loads the same library; both finish, the layer's result equal to
+    F.batch_norm's."""
+    if not cpp.ENABLED:
+        pytest.skip("the compiled op is switched off by TORCH_BN_CPP=0")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    procs = [subprocess.Popen([sys.executable, "-m", "torch_bn.build"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+             subprocess.Popen([sys.executable, "-c", LAYER_CODE], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    (build_out, build_err), (layer_out, layer_err) = (p.communicate(timeout=900) for p in procs)
+    report = "\n".join([build_out, build_err, layer_out, layer_err])
+    assert [p.returncode for p in procs] == [0, 0], report
+    assert layer_out.strip() == "ok", report
+    stderr = build_err + layer_err
+    assert stderr.count("torch_bn: building the compiled CPU op") == 1, report
+    assert stderr.count("torch_bn: built the compiled CPU op in") == 1, report
+    assert "TORCH_BN_CPP=0" in stderr  # the start line says how to skip the build
+    libraries = list((tmp_path / "ext").rglob("*.so"))
+    assert len(libraries) == 1 and str(libraries[0]) in build_out + build_err, report
+    # The build command again: found, loaded, nothing rebuilt.
+    again = subprocess.run([sys.executable, "-m", "torch_bn.build"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "already built" in again.stdout and "building" not in again.stderr, again
+
+
+def test_build_command_without_a_compiler_says_why(tmp_path):
+    """No compiler and no cached build: exit status 1 and the reason, what is needed, on stderr."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX=str(tmp_path / "no-such-compiler"))
+    result = subprocess.run([sys.executable, "-m", "torch_bn.build"], env=env, capture_output=True, text=True)
+    assert result.returncode == 1, result
+    assert "cannot build the compiled CPU op" in result.stderr and "pip install ninja" in result.stderr, result.stderr

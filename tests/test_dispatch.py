@@ -1,25 +1,43 @@
-"""choose_path, the one rule that picks the compute path: each row of its table."""
+"""choose_path, the one rule that picks the compute path: each row of its table, and the
+reference switch (use_path, TORCH_BN_PATH)."""
+import os
+import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
 
-from torch_bn import function
-from torch_bn.function import FUSED_MIN_ELEMENTS, choose_path
+import torch_bn
+from torch_bn import cpp, dispatch, function
+from torch_bn.dispatch import FUSED_MIN_ELEMENTS, choose_path
 
 SMALL = torch.empty(50, 100)
 LARGE = torch.empty(FUSED_MIN_ELEMENTS // 64, 64)
 
 
 @pytest.fixture
+def needs_cpp():
+    """The rows about the compiled op need it built (it is not with TORCH_BN_CPP=0 or without a
+    compiler; tests/test_cpp.py checks the build itself)."""
+    if cpp.op() is None:
+        pytest.skip("the compiled op is switched off (TORCH_BN_CPP=0) or cannot be built here")
+
+
+@pytest.fixture
+def no_cpp(monkeypatch):
+    """The compiled op switched off (TORCH_BN_CPP=0): small CPU inputs take the reference."""
+    monkeypatch.setattr(cpp, "ENABLED", False)
+
+
+@pytest.fixture
 def triton_on_cpu(monkeypatch):
     """CPU tensors count as CUDA ones for the Triton rows (the kernels run in the interpreter)."""
-    monkeypatch.setattr(function, "TRITON_ON_CPU", True)
-    monkeypatch.setattr(function, "USE_TRITON", True)
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(dispatch, "USE_TRITON", True)
 
 
-def test_cpu_size_picks_reference_or_fused():
+def test_cpu_size_picks_reference_or_fused(no_cpp):
     assert choose_path(SMALL) == "reference"
     assert choose_path(torch.empty(FUSED_MIN_ELEMENTS - 1)[None].expand(2, -1)[:1]) == "reference"
     assert choose_path(LARGE) == "fused"
@@ -34,6 +52,7 @@ def test_staged_and_double_backward_take_the_reference(triton_on_cpu):
 
 
 def test_torch_func_transforms_take_the_reference(triton_on_cpu):
+    """vmap and grad (x is then a functorch wrapper) take the reference, Triton on or not."""
     seen = []
 
     def f(x):
@@ -45,7 +64,7 @@ def test_torch_func_transforms_take_the_reference(triton_on_cpu):
     assert seen == ["reference", "reference"]
 
 
-def test_triton_for_supported_dtypes_only(triton_on_cpu):
+def test_triton_for_supported_dtypes_only(triton_on_cpu, no_cpp):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert choose_path(SMALL.to(dtype)) == "triton"
         assert choose_path(LARGE.to(dtype)) == "triton"
@@ -54,12 +73,13 @@ def test_triton_for_supported_dtypes_only(triton_on_cpu):
     assert choose_path(LARGE.double()) == "fused"
 
 
-def test_user_switch_keeps_tensors_off_triton(triton_on_cpu, monkeypatch):
-    monkeypatch.setattr(function, "USE_TRITON", False)
+def test_user_switch_keeps_tensors_off_triton(triton_on_cpu, no_cpp, monkeypatch):
+    monkeypatch.setattr(dispatch, "USE_TRITON", False)
     assert choose_path(SMALL) == "reference" and choose_path(LARGE) == "fused"
 
 
 def test_compiling_takes_the_reference_on_cpu(monkeypatch):
+    assert choose_path(LARGE) != "reference"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert choose_path(LARGE) == "reference"
 
@@ -86,12 +106,10 @@ class _FailingKernels:
                                             (AttributeError("module 'torch.library' has no attribute 'custom_op'"),
                                              "cannot be registered"),
                                             (ValueError("custom_op: schema inference failed"), "cannot be registered")])
-def test_kernels_that_fail_to_import_fall_back(triton_on_cpu, monkeypatch, error, message):
+def test_kernels_that_fail_to_import_fall_back(triton_on_cpu, no_cpp, monkeypatch, error, message):
     """Any failure to import the kernels module means the tensor-op paths, with one warning
     (none when Triton itself is simply not installed)."""
-    import torch_bn
-
-    monkeypatch.setattr(function, "_kernels", None)
+    monkeypatch.setattr(dispatch, "_kernels", None)
     monkeypatch.delitem(sys.modules, "torch_bn.triton_kernels", raising=False)
     monkeypatch.delattr(torch_bn, "triton_kernels", raising=False)
     monkeypatch.setattr(sys, "meta_path", [_FailingKernels(error), *sys.meta_path])
@@ -107,51 +125,108 @@ def test_kernels_that_fail_to_import_fall_back(triton_on_cpu, monkeypatch, error
 def test_the_function_follows_the_rule(monkeypatch):
     """BatchNormFunction asks choose_path in forward and backward, with the backward's flags."""
     asked = []
-    real = function.choose_path
-    monkeypatch.setattr(function, "choose_path", lambda x, **kw: asked.append(kw) or real(x, **kw))
+    real = dispatch.choose_path
+    monkeypatch.setattr(dispatch, "choose_path", lambda x, **kw: asked.append(kw) or real(x, **kw))
     x = torch.randn(6, 3, requires_grad=True)
     for backward in ("closed_form", "staged"):
         y, _, _ = function.BatchNormFunction.apply(x, None, None, 1e-5, backward)
         torch.autograd.grad(y, x, torch.randn(6, 3), create_graph=backward == "closed_form")
-    assert asked == [{}, {"staged": False, "double_backward": True}, {}, {"staged": True, "double_backward": False}]
+    with torch_bn.use_path("reference"):
+        y, _, _ = function.BatchNormFunction.apply(x, None, None, 1e-5, "closed_form")
+    torch.autograd.grad(y, x, torch.randn(6, 3))  # the backward follows the forward's switch
+    backward_flags = {"staged": False, "double_backward": False, "reference": False}
+    assert asked == [{}, {**backward_flags, "double_backward": True}, {}, {**backward_flags, "staged": True},
+                     {}, {**backward_flags, "reference": True}]
 
 
-def test_small_cpu_layers_take_the_compiled_op():
-    """A whole layer (layer=True) below FUSED_MIN_ELEMENTS on CPU runs as the compiled op, in any
-    floating dtype; larger inputs and calls that are not whole layers keep their paths."""
+def test_cpu_inputs_take_the_compiled_op(needs_cpp):
+    """CPU inputs of any size take the compiled op, in any floating dtype and any number of
+    dimensions; meta tensors (no memory) the reference."""
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        assert choose_path(SMALL.to(dtype), layer=True) == "cpp"
-    assert choose_path(torch.empty(50, 50, 3), layer=True) == "cpp"
-    assert choose_path(LARGE, layer=True) == "fused"
-    assert choose_path(SMALL) == "reference"
-    assert choose_path(torch.empty(50, 100, device="meta"), layer=True) == "reference"
+        assert choose_path(SMALL.to(dtype)) == "cpp"
+    assert choose_path(torch.empty(50, 50, 3)) == "cpp"
+    assert choose_path(torch.empty(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)) == "cpp"
+    assert choose_path(LARGE) == "cpp" and choose_path(LARGE.bfloat16()) == "cpp"
+    assert choose_path(torch.empty(50, 100, device="meta")) == "reference"
 
 
-def test_the_compiled_op_is_not_taken_where_it_cannot_serve(monkeypatch):
-    """Staged backward, forward-mode AD, torch.func, torch.compile, and no built op: the Function."""
-    assert choose_path(SMALL, layer=True, staged=True) == "reference"
+def test_the_compiled_op_is_not_taken_where_it_cannot_serve(needs_cpp, monkeypatch):
+    """Staged backward, torch.func, torch.compile, tensor subclasses, and no built op: the reference.
+    Forward-mode AD takes it (the Function's jvp needs only saved tensors)."""
+    assert choose_path(SMALL, staged=True) == "reference"
 
     class Subclass(torch.Tensor):  # e.g. FakeTensor: no memory of its own for the loops to read
         pass
 
-    assert choose_path(SMALL.as_subclass(Subclass), layer=True) == "reference"
+    assert choose_path(SMALL.as_subclass(Subclass)) == "reference"
     with torch.autograd.forward_ad.dual_level():
-        assert choose_path(SMALL, layer=True) == "reference"
-    assert choose_path(SMALL, layer=True) == "cpp"
+        assert choose_path(SMALL) == "cpp"
     seen = []
-    torch.func.vmap(lambda x: seen.append(choose_path(x, layer=True)) or x)(SMALL[None].expand(2, -1, -1))
+    torch.func.vmap(lambda x: seen.append(choose_path(x)) or x)(SMALL[None].expand(2, -1, -1))
     assert seen == ["reference"]
     with monkeypatch.context() as m:
         m.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert choose_path(SMALL, layer=True) == "reference"
-    monkeypatch.setattr(function.cpp, "_op", False)  # as after a failed build
-    assert choose_path(SMALL, layer=True) == "reference"
-    monkeypatch.setattr(function.cpp, "_op", None)  # not built yet, and switched off (TORCH_BN_CPP=0)
-    monkeypatch.setattr(function.cpp, "ENABLED", False)
-    assert choose_path(SMALL, layer=True) == "reference" and function.cpp._op is None
+        assert choose_path(SMALL) == "reference"
+    monkeypatch.setattr(cpp, "_ops", False)  # as after a failed build
+    assert choose_path(SMALL) == "reference"
+    monkeypatch.setattr(cpp, "_ops", None)  # not built yet, and switched off (TORCH_BN_CPP=0)
+    monkeypatch.setattr(cpp, "ENABLED", False)
+    assert choose_path(SMALL) == "reference" and cpp._ops is None
 
 
-def test_switching_the_compiled_op_off_takes_effect_after_it_is_built(monkeypatch):
-    assert choose_path(SMALL, layer=True) == "cpp"
-    monkeypatch.setattr(function.cpp, "ENABLED", False)
-    assert choose_path(SMALL, layer=True) == "reference"
+def test_switching_the_compiled_op_off_takes_effect_after_it_is_built(needs_cpp, monkeypatch):
+    assert choose_path(SMALL) == "cpp"
+    monkeypatch.setattr(cpp, "ENABLED", False)
+    assert choose_path(SMALL) == "reference"
+
+
+def test_the_reference_switch_takes_every_call(triton_on_cpu, monkeypatch):
+    """use_path("reference") overrides every row, Triton and the compiled op included; "auto"
+    restores the table; the previous mode comes back after the block, also after an error."""
+    assert dispatch.current_path() == "auto"
+    with torch_bn.use_path("reference"):
+        for x in (SMALL, LARGE, SMALL.bfloat16()):
+            assert choose_path(x) == "reference"
+        with torch_bn.use_path("auto"):
+            assert choose_path(LARGE) == "triton"
+        assert dispatch.current_path() == "reference"
+    with pytest.raises(KeyError), torch_bn.use_path("reference"):
+        raise KeyError
+    assert dispatch.current_path() == "auto"
+    assert choose_path(LARGE, reference=True) == "reference"  # a backward whose forward had the switch on
+    with pytest.raises(ValueError, match="use_path takes one of"):
+        with torch_bn.use_path("fast"):
+            pass
+
+
+def test_pinned_paths_serve_or_say_why(needs_cpp, monkeypatch):
+    """use_path("cpp"/"fused"/"triton") pins that body for tests; where it cannot serve, an error
+    says why; staged and double backward and transforms still take the reference."""
+    with torch_bn.use_path("cpp"):
+        assert choose_path(LARGE) == "cpp"
+        assert choose_path(SMALL, double_backward=True) == "reference"
+        with pytest.raises(RuntimeError, match="plain CPU tensors"):
+            choose_path(torch.empty(50, 100, device="meta"))
+    with torch_bn.use_path("fused"):
+        assert choose_path(SMALL) == "fused"
+        assert choose_path(SMALL, staged=True) == "reference"
+    monkeypatch.setattr(dispatch, "USE_TRITON", False)
+    with torch_bn.use_path("triton"), pytest.raises(RuntimeError, match="Triton kernels cannot serve"):
+        choose_path(SMALL)
+    monkeypatch.setattr(cpp, "ENABLED", False)
+    with torch_bn.use_path("cpp"), pytest.raises(RuntimeError, match="TORCH_BN_CPP=0"):
+        choose_path(SMALL)
+
+
+@pytest.mark.parametrize("value, path", [("reference", "reference"), ("auto", "cpp"), ("", "cpp")])
+def test_the_environment_switch_is_read_at_import(value, path):
+    """TORCH_BN_PATH=reference (read when torch_bn is imported) is the reference switch; a value
+    that names no mode stops the import with a clear error."""
+    code = "import torch, torch_bn; print(torch_bn.dispatch.choose_path(torch.empty(50, 100)))"
+    env = dict(os.environ, TORCH_BN_PATH=value)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    expected = path if cpp.ENABLED else "reference"
+    assert result.stdout.strip() == expected, result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(env, TORCH_BN_PATH="fused"))
+    assert result.returncode != 0 and "TORCH_BN_PATH='fused' is not a torch_bn path" in result.stderr

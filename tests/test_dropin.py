@@ -39,8 +39,8 @@ def test_layers_are_instances_of_nn_batchnorm(kind):
     assert bn.__constants__ == THEIRS[kind].__constants__
     # forward and autograd stay torch_bn's
     y = bn(torch.randn(SHAPES[kind], requires_grad=True))
-    # (BatchNormFunctionBackward, or torch_bn_cpp::BatchNormFunction for the compiled op)
-    assert "BatchNormFunction" in y.grad_fn.name()
+    # on every path, the compiled op's included: its C++ ops are the Function's bodies
+    assert issubclass(y.grad_fn._forward_cls, torch_bn.BatchNormFunction), type(y.grad_fn)
 
 
 def test_sync_batchnorm_conversion_finds_torch_bn_layers():
@@ -258,17 +258,34 @@ def test_float64_module_rejects_float32_input_half_input_works(kind, training):
         torch.testing.assert_close(ours32(xh), theirs32(xh))
 
 
-def test_running_stats_tangents_ignored_in_eval_as_pytorch():
-    x, rm, rv = torch.randn(4, 3), torch.randn(3), torch.rand(3) + 0.5
-    tangents = {}
-    for name, fn in (("ours", torch_bn.functional.batch_norm), ("theirs", F.batch_norm)):
-        with fwAD.dual_level():
-            y = fn(x, fwAD.make_dual(rm, torch.ones(3)), fwAD.make_dual(rv, torch.ones(3)), training=False)
-            t = fwAD.unpack_dual(y).tangent
-            tangents[name] = torch.zeros_like(x) if t is None else t
-    torch.testing.assert_close(tangents["ours"], tangents["theirs"])
-    _, t = torch.func.jvp(lambda m: torch_bn.functional.batch_norm(x, m, rv, training=False), (rm,), (torch.ones(3),))
+def test_running_stats_tangents_in_eval_as_pytorch():
+    """PyTorch's rule (test_nn's test_batchnorm_raises_error_if_running_var_or_running_mean_have_
+    forward_grad): with a dual input, tangents on the running statistics raise RuntimeError; without
+    one (nothing to differentiate) they are ignored, and the output's tangent is PyTorch's."""
+    args = (torch.randn(3, 2, 5), torch.randn(2), torch.rand(2) + 0.5)
+    msg = "batch_norm is not differentiable wrt running_mean and running_var"
+    for dual_indices in ((0,), (1,), (1, 2), (0, 1), (0, 2), (0, 1, 2)):
+        tangents = tuple(torch.rand_like(a) for a in args)
+        outcome = {}
+        for name, fn in (("ours", torch_bn.functional.batch_norm), ("theirs", F.batch_norm)):
+            with fwAD.dual_level():
+                duals = [fwAD.make_dual(p, t) if i in dual_indices else p for i, (p, t) in enumerate(zip(args, tangents))]
+                try:
+                    t = fwAD.unpack_dual(fn(*duals, training=False, momentum=-1.2)).tangent
+                    outcome[name] = torch.zeros(args[0].shape) if t is None else t
+                except RuntimeError as e:
+                    assert msg in str(e)
+                    outcome[name] = "raised"
+        raises = 0 in dual_indices and (1 in dual_indices or 2 in dual_indices)
+        assert (outcome["ours"] == "raised") == (outcome["theirs"] == "raised") == raises, dual_indices
+        if not raises:
+            torch.testing.assert_close(outcome["ours"], outcome["theirs"])
+    x, rm, rv = args
+    _, t = torch.func.jvp(lambda m: torch_bn.functional.batch_norm(x, m, rv, training=False), (rm,), (torch.ones(2),))
     assert t.eq(0).all()
+    with pytest.raises(RuntimeError, match=msg):
+        torch.func.jvp(lambda x, m: torch_bn.functional.batch_norm(x, m, rv, training=False), (x, rm),
+                       (torch.ones_like(x), torch.ones(2)))
 
 
 # 9. back to torch.nn --------------------------------------------------------------------------

@@ -188,3 +188,103 @@ def test_gradient_dtypes_follow_their_parameters():
     y.float().sum().backward()
     assert x.grad.dtype == torch.float16 and b.grad.dtype == torch.float32
     torch.testing.assert_close(b.grad, torch.full((3,), 6.0, dtype=torch.float32))
+
+
+# Each path pinned ---------------------------------------------------------------------------
+# torch_bn.use_path pins the body BatchNormFunction runs, so each is checked whatever the machine
+# would pick: the reference ops, the compiled CPU op and the slab-fused ops here; the Triton
+# kernels in tests/test_triton.py (Triton's interpreter on CPU).
+
+def pinned(path):
+    """use_path(path), or a skip that says why the path is missing here."""
+    if path == "cpp" and torch_bn.cpp.op() is None:
+        pytest.skip("the compiled op is switched off (TORCH_BN_CPP=0) or cannot be built here")
+    return torch_bn.use_path(path)
+
+
+CPU_PATHS = ["reference", "cpp", "fused"]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_each_path_gradcheck(path, shape, affine):
+    """First-order gradients of the pinned body (gradgradcheck: the recorded backward is the
+    reference's on every path, checked here too), through functional.batch_norm with running
+    statistics and through BatchNormFunction itself."""
+    x, w, b, rm, rv = float64_inputs(shape, affine)
+
+    def f(x, w, b):
+        return batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5)
+
+    with pinned(path):
+        assert gradcheck(f, (x, w, b))
+        assert gradcheck(lambda x, w, b: torch_bn.BatchNormFunction.apply(x, w, b, 1e-5)[0], (x, w, b))
+        assert gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("shape, fmt", [((50, 100), None), ((8, 6, 5), None), ((4, 6, 3, 5), torch.channels_last),
+                                        ((3, 4, 2, 3, 2), torch.channels_last_3d)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_each_path_matches_float64_definition(path, shape, fmt, dtype, tol):
+    """y, dx, dweight, dbias and the running statistics of the pinned body against the float64
+    definition (helpers.float64_reference, differentiated by autograd); output layout kept."""
+    g = torch.Generator().manual_seed(11)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2
+    w64, b64 = torch.randn(shape[1], generator=g, dtype=torch.float64), torch.randn(shape[1], generator=g, dtype=torch.float64)
+    dy64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x64.to(dtype)
+    dy = dy64.to(dtype)
+    if fmt is not None:
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w, b = w64.to(dtype).requires_grad_(), b64.to(dtype).requires_grad_()
+    rm, rv = torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)
+    with pinned(path):
+        y = batch_norm(x, rm, rv, w, b, True, 0.5, 1e-5)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    assert issubclass(y.grad_fn._forward_cls, torch_bn.BatchNormFunction)
+    xr = x64.clone().requires_grad_()
+    wr, br = w64.clone().requires_grad_(), b64.clone().requires_grad_()
+    y_ref = float64_reference(xr, wr, br, 1e-5)
+    grads_ref = torch.autograd.grad(y_ref, (xr, wr, br), dy64)
+    if fmt is not None:
+        assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+    dims = [0] + list(range(2, len(shape)))
+    torch.testing.assert_close(rm.double(), 0.5 * x64.mean(dims), rtol=tol, atol=tol)
+    torch.testing.assert_close(rv.double(), 0.5 + 0.5 * x64.var(dims), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("shape", [(50, 100), (4096, 1024)])
+def test_the_reference_switch_runs_an_edited_closed_form(shape, monkeypatch):
+    """A learner's edit of torch_bn.ops.closed_form_backward reaches the gradients of a CPU layer
+    under use_path("reference"), at the MLP's size and at a size the fused or compiled path would
+    take; under "auto" those paths run their own code, so the edit does not reach them."""
+    real = torch_bn.ops.closed_form_backward
+
+    def edited(dy, xhat, rstd, weight):
+        dx, dweight, dbias = real(dy, xhat, rstd, weight)
+        return 2 * dx, 3 * dweight, 5 * dbias
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).requires_grad_()
+    dy = torch.randn(shape, generator=g)
+    layer = torch_bn.BatchNorm1d(shape[1])
+
+    def grads():
+        return torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), dy)
+
+    with torch_bn.use_path("reference"):
+        before = grads()
+        monkeypatch.setattr(torch_bn.ops, "closed_form_backward", edited)
+        after = grads()
+    for factor, a, b in zip((2, 3, 5), after, before):
+        torch.testing.assert_close(a, factor * b)
+    if torch_bn.dispatch.choose_path(x) != "reference":
+        auto = grads()
+        for a, b in zip(auto, before):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

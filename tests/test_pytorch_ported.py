@@ -208,13 +208,14 @@ def test_channels_last(nn_cls, args, kwargs, x, training):
 
 
 def test_channels_last_on_the_fused_path():
-    """The samples are small (reference ops); this input is large enough for torch_bn.fused."""
+    """The samples run whatever choose_path picks; this input runs torch_bn.fused, pinned."""
     x = torch.randn(16, 32, 24, 24).contiguous(memory_format=torch.channels_last)
-    assert torch_bn.function.choose_path(x) == "fused"
     ours, theirs = make_twins(nn.BatchNorm2d, (32,), {}, torch.float32, True)
     exact = copy.deepcopy(theirs).double()
     dy = torch.randn_like(x)
-    a, b = run(ours, x, dy), run(theirs, x, dy)
+    with torch_bn.use_path("fused"):
+        a = run(ours, x, dy)
+    b = run(theirs, x, dy)
     assert a[0].is_contiguous(memory_format=torch.channels_last)
     assert_as_accurate(a, b, run(exact, x.double(), dy.double()), torch.float32)
 

@@ -4,15 +4,16 @@ import math
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from hypothesis import Phase, given, settings, strategies as st
 from torch import nn
 
 import torch_bn
-from torch_bn import function, ops
+from torch_bn import dispatch, ops
 
-triton_kernels = pytest.importorskip("torch_bn.triton_kernels", reason="Triton is not installed")
+# Before anything that imports Triton: without it, the whole file skips with this reason.
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+triton_kernels = pytest.importorskip("torch_bn.triton_kernels", reason="torch_bn's Triton kernels cannot be imported")
+import triton.language as tl  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -30,7 +31,7 @@ def kernel_path(path: str):
 @pytest.fixture
 def triton_everywhere(monkeypatch):
     """Route BatchNormFunction through the Triton kernels for CPU tensors too (interpreter)."""
-    monkeypatch.setattr(function, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", True)
 
 
 def reference(x, w, b, dy, eps=1e-5):
@@ -162,7 +163,7 @@ def test_triton_can_be_switched_off(triton_everywhere, monkeypatch):
     # USE_TRITON = False (TORCH_BN_TRITON=0) sends the same tensors to the tensor-op paths instead.
     calls = []
     monkeypatch.setattr(torch.ops.torch_bn, "triton_forward", lambda *a: calls.append(a) or None)
-    monkeypatch.setattr(function, "USE_TRITON", False)
+    monkeypatch.setattr(dispatch, "USE_TRITON", False)
     x = torch.randn(4, 3, device=DEVICE)
     y = torch_bn.BatchNorm1d(3, device=DEVICE)(x)
     assert calls == []
@@ -175,7 +176,7 @@ def test_triton_switch_reads_the_environment():
     import subprocess
     import sys
 
-    code = "import torch_bn.function as f; print(f.USE_TRITON)"
+    code = "import torch_bn.dispatch as d; print(d.USE_TRITON)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outputs = [subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_BN_TRITON": v}, cwd=root,
                               capture_output=True, text=True, check=True).stdout.strip() for v in ("0", "1")]

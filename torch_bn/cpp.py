@@ -1,41 +1,51 @@
-"""The compiled CPU op ``torch.ops.torch_bn_cpp.batch_norm_train``: build on first use, or do without.
+"""The compiled CPU ops ``torch.ops.torch_bn_cpp.batch_norm_forward`` / ``batch_norm_backward``:
+built on first use (or ahead of time by ``python -m torch_bn.build``), or done without.
 
-``csrc/batch_norm_cpu.cpp`` holds a whole training-mode layer (statistics, y, running-statistics
-update, and the closed-form backward as a C++ autograd node) for small CPU inputs, where
-torch_bn's Python path costs per-call overhead rather than arithmetic. :func:`op` compiles it
-with ``torch.utils.cpp_extension`` (g++ and ninja, about a minute) the first time it is asked
-for, and returns the op. The build is kept in torch's extensions folder (``TORCH_EXTENSIONS_DIR``,
-default ~/.cache/torch_extensions) under torch_bn/, named by a hash of the source, the flags and
-the torch and Python versions, so later processes load it directly. Where it cannot be built (no
-compiler, no ninja) :func:`op` warns once and returns None, and torch_bn runs the same math
-through its Python paths; ``TORCH_BN_CPP=0`` switches the op off without trying.
+``csrc/`` holds the C++ bodies of :class:`torch_bn.function.BatchNormFunction` on CPU: ``ops.cpp``
+(the torch.library schemas, input checks, CPU and Meta implementations) and ``kernels.cpp`` (the
+loops, behind ``kernels.h``). There is no C++ autograd node: the Python Function calls the forward
+op in its forward and the backward op in its backward. :func:`op` compiles the library with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute on two cores) the first
+time it is asked for, saying so on stderr, and returns the ops. The build is kept in torch's
+extensions folder (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions) under torch_bn/,
+named by a hash of the sources, the flags and the torch and Python versions, so later processes
+load it directly. Processes that start at once with an empty cache (torchrun ranks, parallel test
+workers) take an OS file lock in that folder: one builds, the others wait and load its result.
+Where the library cannot be built (no compiler, no ninja) :func:`op` warns once and returns None,
+and torch_bn runs the same math through its Python paths; ``TORCH_BN_CPP=0`` switches the ops off
+without trying.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import sys
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "batch_norm_cpu.cpp"
-# TORCH_BN_CPP=0 in the environment (or ENABLED = False) never builds or uses the compiled op.
-ENABLED = os.environ.get("TORCH_BN_CPP", "1") != "0"
-
-_op = None  # the op once loaded, False where it cannot be
-
-
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "ops.cpp", CSRC / "kernels.cpp"]
+HEADERS = [CSRC / "kernels.h"]
 CFLAGS = ["-O3"]
+# TORCH_BN_CPP=0 in the environment (or ENABLED = False) never builds or uses the compiled ops.
+ENABLED = os.environ.get("TORCH_BN_CPP", "1") != "0"
+BUILD_SECONDS = "about a minute"  # what the start-of-build line promises (2 cores, both sources)
+
+_ops = None  # the ops once loaded, False where they cannot be
 
 
 def extension_name() -> str:
-    """The extension's name: one build per version of the source, the flags, torch and Python, so
+    """The extension's name: one build per version of the sources, the flags, torch and Python, so
     that worktrees with different sources never share a build and a build found is this one."""
-    key = [SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
+    key = [*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CFLAGS).encode(), torch.__version__.encode(),
            f"{sys.version_info.major}.{sys.version_info.minor} {platform.machine()}".encode()]
     return "torch_bn_cpp_" + hashlib.sha256(b"\0".join(key)).hexdigest()[:12]
 
@@ -48,47 +58,136 @@ def build_directory() -> Path:
     return Path(root) / "torch_bn" / extension_name()
 
 
-def _build():
-    name, folder = extension_name(), build_directory()
-    library = folder / f"{name}.so"  # the name cpp_extension.load gives a first build in a process
-    if library.is_file():
-        # Built before: load it directly, without cpp_extension's checks (a ninja run and a
-        # compiler probe, about 0.1 s, which would land in the first training step).
-        try:
-            torch.ops.load_library(str(library))
-            return torch.ops.torch_bn_cpp.batch_norm_train.default
-        except OSError:  # e.g. a build interrupted while linking: let cpp_extension redo it
-            pass
-    # Importing cpp_extension logs a warning about CUDA_HOME on CPU-only machines; it is not ours
-    # to show, the build needs no CUDA.
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
+def library_path() -> Path:
+    """The built library: the name cpp_extension.load gives a first build in a process."""
+    return build_directory() / f"{extension_name()}.so"
+
+
+def _say(message: str) -> None:
+    print(f"torch_bn: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive OS lock on folder/torch_bn.lock, held while a process builds or loads the
+    library: the kernel drops it if the holder dies, so a killed build blocks no one. (No lock
+    where fcntl is missing, as on Windows.)"""
     try:
-        from torch.utils import cpp_extension
-    finally:
-        log.setLevel(level)
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / "torch_bn.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process that is building the compiled CPU op in {folder}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor laid out as the kernels lay out y and dx (csrc/kernels.h): channels-last
+    (3d) when x is channels-last (3d)-contiguous, else contiguous."""
+    if x.dim() in (4, 5) and x.shape[1] > 0:
+        fmt = torch._prims_common.suggest_memory_format(x)
+        if fmt != torch.contiguous_format and x.is_contiguous(memory_format=fmt):
+            return torch.empty_like(x, memory_format=fmt)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _check_fake(x: torch.Tensor) -> None:
+    torch._check(x.dim() >= 2 and x.is_floating_point(),
+                 lambda: f"torch_bn_cpp: batch_norm expects floating-point (N, C, *) input, got {x.dtype} {tuple(x.shape)}")
+
+
+def _forward_fake(x, weight, bias, running_mean, running_var, momentum, eps):
+    _check_fake(x)
+    stats = x.new_empty(x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+    return _output_like(x), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+
+def _backward_fake(dy, x, weight, mean, rstd, need_dx):
+    _check_fake(x)
+    stats = x.new_empty(x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+    return _output_like(x) if need_dx else x.new_empty(0), stats, torch.empty_like(stats)
+
+
+_fakes_registered = False
+
+
+def _loaded() -> SimpleNamespace:
+    """The loaded ops, with their fake implementations registered (once per process)."""
+    global _fakes_registered
+    if not _fakes_registered:
+        torch.library.register_fake("torch_bn_cpp::batch_norm_forward")(_forward_fake)
+        torch.library.register_fake("torch_bn_cpp::batch_norm_backward")(_backward_fake)
+        _fakes_registered = True
+    ns = torch.ops.torch_bn_cpp
+    return SimpleNamespace(forward=ns.batch_norm_forward.default, backward=ns.batch_norm_backward.default)
+
+
+def build() -> tuple[SimpleNamespace, Path, float | None]:
+    """Load the library, building it first where no build is found; raise where that fails.
+
+    Returns the ops, the library's path and the build's duration in seconds (None when an
+    existing build was loaded). A build prints one line on stderr when it starts (what, about how
+    long, where, how to skip) and one when it ends.
+    """
+    name, folder, library = extension_name(), build_directory(), library_path()
     folder.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(folder),
-                       is_python_module=False, verbose=False)
-    return torch.ops.torch_bn_cpp.batch_norm_train.default
+    with _build_lock(folder):
+        if library.is_file():
+            # Built before: load it directly, without cpp_extension's checks (a ninja run and a
+            # compiler probe, about 0.1 s, which would land in the first training step).
+            try:
+                torch.ops.load_library(str(library))
+                return _loaded(), library, None
+            except OSError:  # e.g. a build killed while linking: build it again
+                library.unlink()
+        _say(f"building the compiled CPU op (torch_bn/csrc, once per version, {BUILD_SECONDS}) in {folder}; "
+             f"set TORCH_BN_CPP=0 to skip it, or run python -m torch_bn.build beforehand")
+        start = time.perf_counter()
+        # Importing cpp_extension logs a warning about CUDA_HOME on CPU-only machines; it is not
+        # ours to show, the build needs no CUDA.
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            log.setLevel(level)
+        try:
+            cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                               extra_include_paths=[str(CSRC)], build_directory=str(folder),
+                               is_python_module=False, verbose=False)
+        except BaseException as e:
+            _say(f"the compiled CPU op's build failed after {time.perf_counter() - start:.0f} s "
+                 f"({type(e).__name__})")
+            raise
+        seconds = time.perf_counter() - start
+        _say(f"built the compiled CPU op in {seconds:.0f} s: {library}")
+        return _loaded(), library, seconds
 
 
-def op():
-    """``torch.ops.torch_bn_cpp.batch_norm_train.default``, built on first call; None where it
-    is switched off (``ENABLED``) or cannot be built (then one RuntimeWarning says why and what
-    to do)."""
-    global _op
+def op() -> SimpleNamespace | None:
+    """The compiled ops, as ``.forward`` (``torch.ops.torch_bn_cpp.batch_norm_forward.default``)
+    and ``.backward``, built on first call; None where they are switched off (``ENABLED``) or
+    cannot be built (then one RuntimeWarning says why and what to do)."""
+    global _ops
     if not ENABLED:
         return None
-    if _op is None:
+    if _ops is None:
         try:
-            _op = _build()
+            _ops = build()[0]
         except Exception as e:  # no compiler or ninja, a failed build, a load error
             warnings.warn(
                 f"torch_bn: the compiled CPU op cannot be built ({type(e).__name__}: {str(e).strip()[:300]}); "
-                f"small CPU inputs take the Python path, which is correct but slower per call. "
-                f"Install g++ and ninja (pip install ninja) for the fast path, or set TORCH_BN_CPP=0 "
-                f"to skip the build", RuntimeWarning, stacklevel=2)
-            _op = False
-    return _op or None
+                f"CPU inputs take torch_bn's tensor-op paths, which are correct but slower per call. "
+                f"Install a C++ compiler (g++) and ninja (pip install ninja) for the fast path, or set "
+                f"TORCH_BN_CPP=0 to skip the build", RuntimeWarning, stacklevel=2)
+            _ops = False
+    return _ops or None

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import batch_norm_stateless
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _local = threading.local()  # the updates recorded by the functional_call running on this thread
@@ -30,7 +29,7 @@ def recording() -> bool:
     return getattr(_local, "updates", None) is not None
 
 
-def stateless_forward(bn: nn.Module, input: Tensor) -> Tensor:
+def stateless_forward(bn: nn.Module, input: Tensor, mask: Tensor | None = None) -> Tensor:
     """The forward of torch_bn layer ``bn`` inside :func:`functional_call`: the same computation as
     its ordinary forward, with the new buffers recorded instead of written.
 
@@ -48,7 +47,11 @@ def stateless_forward(bn: nn.Module, input: Tensor) -> Tensor:
             factor = 1.0 / new["num_batches_tracked"].double()  # as exact as the float 1/t
     use_batch_stats = bn.training or (state["running_mean"] is None and state["running_var"] is None)
     track = not bn.training or bn.track_running_stats
-    y, mean, var = batch_norm_stateless(
+    # The layer's stateless functional form and keywords (batch_norm_stateless with backward= and
+    # mask=, or the ghost / renormalized forms), given the count after this batch's increment.
+    function, keywords = bn.functional(mask, new.get("num_batches_tracked", state["num_batches_tracked"]),
+                                       stateless=True)
+    y, mean, var = function(
         input,
         state["running_mean"] if track else None,
         state["running_var"] if track else None,
@@ -57,7 +60,7 @@ def stateless_forward(bn: nn.Module, input: Tensor) -> Tensor:
         use_batch_stats,
         factor,
         bn.eps,
-        backward=bn.backward,
+        **keywords,
     )
     if track and use_batch_stats:
         new["running_mean"], new["running_var"] = mean, var

@@ -1,107 +1,30 @@
 """``BatchNormFunction``: training-mode batch norm as a custom autograd Function.
 
-Forward and backward are the hand-written math of :mod:`torch_bn.ops` (the reference). Where
-that is safe, the same math runs faster: :func:`choose_path` holds the one rule that picks
-between the reference ops, the slab-fused tensor ops of :mod:`torch_bn.fused` (CPU), the
-Triton kernels of :mod:`torch_bn.triton_kernels` (CUDA), for the forward and the backward alike,
-and, for a whole small CPU layer, the compiled op of :mod:`torch_bn.cpp`.
-The Function uses the ``forward`` + ``setup_context`` style so that it composes with
-torch.func transforms (``generate_vmap_rule``) and ``torch.compile``.
+This Python Function is the autograd node of every training-mode torch_bn call, on every path
+and device. Its forward and backward ask :func:`torch_bn.dispatch.choose_path` for their bodies:
+the readable math of :mod:`torch_bn.ops` (the reference, and what ``torch_bn.use_path("reference")``
+/ ``TORCH_BN_PATH=reference`` runs everywhere), the compiled CPU ops of :mod:`torch_bn.cpp`, the
+slab-fused tensor ops of :mod:`torch_bn.fused` (CPU), or the Triton kernels of
+:mod:`torch_bn.triton_kernels` (CUDA). Each body returns the same y and statistics (forward) and
+the same closed-form gradients (backward); double backward records the reference ops, which are
+differentiable.
+
+Three classes, one Function: ``BatchNormFunction`` (``forward`` + ``setup_context`` style, which
+torch.func transforms need: ``generate_vmap_rule``); ``EagerBatchNormFunction``, the classic-style
+sibling eager code runs (``type(y.grad_fn).__name__ == "EagerBatchNormFunctionBackward"``), cheaper
+per call and with the running-statistics update folded in; ``CompiledBatchNormFunction`` (no
+``jvp``) for code torch.compile traces. The siblings inherit BatchNormFunction's forward, backward
+and jvp. ``torch_bn.sync_batchnorm.SyncBatchNormFunction`` stays beside the distributed code it
+needs: its forward and backward exchange statistics and gradient sums between ranks (collectives
+between the reductions, so none of the single-process bodies here can serve it), and it always
+runs the reference math of :mod:`torch_bn.ops`.
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
-import torch.autograd.forward_ad
 from torch import Tensor
 
-from . import cpp, fused, ops
-
-TRITON_ON_CPU = False  # tests set this (with TRITON_INTERPRET=1) to run the kernels on CPU tensors
-# TORCH_BN_TRITON=0 in the environment (or USE_TRITON = False) keeps CUDA tensors on the tensor-op
-# paths: an escape hatch should the kernels misbehave on some GPU, and a baseline to compare with.
-USE_TRITON = os.environ.get("TORCH_BN_TRITON", "1") != "0"
-# Below this size the fused path's bookkeeping (a dozen small per-channel ops, the one-pass check)
-# costs more than the full-size temporaries of the reference ops it avoids (forward+backward,
-# 2-core CPU: 100x500 0.51 vs 0.71 ms, 512x512 1.95 vs 1.31 ms).
-FUSED_MIN_ELEMENTS = 1 << 17
-# The kernels compute in float32: float64 input keeps its precision on the tensor-op paths.
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-PATHS = ("reference", "fused", "triton", "cpp")
-
-_kernels = None  # torch_bn.triton_kernels once imported, False where it cannot be
-
-
-def _triton_kernels():
-    """The Triton kernels module, imported on first use (importing Triton is slow); None where
-    Triton is missing or the kernels cannot be registered on this PyTorch (one warning)."""
-    global _kernels
-    if _kernels is None:
-        try:
-            from . import triton_kernels as _kernels
-        except ImportError as e:
-            if (getattr(e, "name", None) or "").split(".")[0] != "triton":  # no Triton: normal on CPU
-                warnings.warn(f"torch_bn: the Triton kernels cannot be imported ({e}); CUDA tensors "
-                              f"take the tensor-op path", RuntimeWarning, stacklevel=3)
-            _kernels = False
-        except Exception as e:  # e.g. a PyTorch whose custom-op registration rejects the kernels
-            warnings.warn(f"torch_bn: the Triton kernels cannot be registered ({type(e).__name__}: {e}); "
-                          f"CUDA tensors take the tensor-op path", RuntimeWarning, stacklevel=3)
-            _kernels = False
-    return _kernels or None
-
-
-def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = False, layer: bool = False) -> str:
-    """Which implementation computes this call: "reference", "fused", "triton" or "cpp".
-
-    Forward and backward both ask; x is the input (saved x in the backward). ``layer``: the caller
-    can hand over the whole training-mode layer (forward, backward and running-statistics update:
-    :func:`torch_bn.functional.batch_norm`), which only the compiled op "cpp" takes; for any other
-    answer it runs :class:`BatchNormFunction`, which asks again. The first row that matches decides:
-
-    ===========================================  ===========  ==========================================
-    condition                                    path         why
-    ===========================================  ===========  ==========================================
-    backward with ``staged`` (node-by-node)      reference    it exists to be read and compared
-    double backward (autograd recording)         reference    only the reference ops are differentiable
-    torch.func transform active (vmap, grad...)  reference    fast paths write into their own buffers
-    Triton switched on (``USE_TRITON``), CUDA    triton       one kernel sweep per pass
-    tensor, float32/float16/bfloat16, kernels
-    importable
-    ``torch.compile`` tracing                    reference    the compiler fuses the ops itself
-    ``layer``, CPU tensor (not a subclass),      cpp          one C++ call per forward and per backward,
-    ``x.numel() < FUSED_MIN_ELEMENTS``, no       (whole       no Python: small inputs cost per-call
-    forward-mode AD level, the op built          layer)       overhead, not arithmetic
-    (``torch_bn.cpp.op()``)
-    ``x.numel() >= FUSED_MIN_ELEMENTS``          fused        fewer trips through memory
-    otherwise (small inputs, float64 on CUDA)    reference    fewer, larger ops cost less there
-    ===========================================  ===========  ==========================================
-
-    The fused paths write into buffers they allocate (out=, in place) in a Python loop over
-    slabs: under torch.func transforms those would be wrapped tensors, and torch.compile would
-    unroll the loop. Transforms and compilation are checked before the size, so that the
-    compiler sees no size test to guard on. The Triton kernels are custom ops, opaque to
-    torch.compile, so compiled CUDA code still calls them. The compiled CPU op is a C++ autograd
-    node: it has no forward-mode derivative (dual tensors take the Function, which has one where
-    the reference ops do), and when its backward is recorded for double backward it runs the
-    closed form as differentiable ATen ops.
-    """
-    if staged or double_backward or torch._C._are_functorch_transforms_active():
-        return "reference"
-    if USE_TRITON and (x.is_cuda or TRITON_ON_CPU) and x.dtype in TRITON_DTYPES:
-        kernels = _triton_kernels()
-        if kernels is not None and kernels.supports(x):
-            return "triton"
-    if torch.compiler.is_compiling():
-        return "reference"
-    small = x.numel() < FUSED_MIN_ELEMENTS
-    if (layer and small and x.is_cpu and type(x) is torch.Tensor
-            and torch.autograd.forward_ad._current_level < 0 and cpp.op() is not None):
-        return "cpp"
-    return "reference" if small else "fused"
+from . import cpp, dispatch, fused, ops
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -111,7 +34,8 @@ class BatchNormFunction(torch.autograd.Function):
     backward: "closed_form" (default formula) or "staged" (node-by-node).
     Outputs: y like x; the batch mean and biased variance (C,) in compute dtype, which are not
     differentiable (callers use them to update running statistics).
-    Saves for backward (and for jvp): x, weight, mean and var; nothing of x's size beyond x.
+    Saves for backward (and for jvp): x, weight, mean and rstd = 1 / sqrt(var + eps); nothing of
+    x's size beyond x.
     Forward-mode AD (``jvp``: torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian)
     gives y's tangent in closed form; mean and var carry no tangent (non-differentiable).
     """
@@ -121,7 +45,10 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 backward: str = "closed_form") -> tuple[Tensor, Tensor, Tensor]:
-        path = choose_path(x)
+        path = dispatch.choose_path(x)
+        if path == "cpp":
+            y, mean, var, _rstd = cpp.op().forward(x, weight, bias, None, None, 0.0, eps)
+            return y, mean, var
         if path == "triton":
             return tuple(torch.ops.torch_bn.triton_forward(x, weight, bias, eps))
         if path == "fused":
@@ -135,46 +62,118 @@ class BatchNormFunction(torch.autograd.Function):
         _y, mean, var = output
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.save_for_forward(x, weight, mean, var)
+        rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
         ctx.eps = eps
         ctx.backward = backward
+        ctx.reference = dispatch.current_path() == "reference"
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _eps, _backward):
-        x, weight, mean, var = ctx.saved_tensors
-        dy = ops.training_jvp(dx, dweight, dbias, x, mean, torch.rsqrt(var + ctx.eps), weight)
+        x, weight, mean, rstd = ctx.saved_tensors
+        dy = ops.training_jvp(dx, dweight, dbias, x, mean, rstd, weight)
         return dy, None, None
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, _dmean, _dvar):
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         double_backward = torch.is_grad_enabled()
-        if double_backward:
-            # mean and var are functions of x: recompute them with differentiable ops
-            # instead of using the forward's constants.
-            mean, var = ops.batch_stats(x)
-        rstd = torch.rsqrt(var + ctx.eps)
-        path = choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward)
-        if path == "triton":
+        path = dispatch.choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward,
+                                    reference=ctx.reference)
+        if path == "cpp":
+            dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, need_x)
+        elif path == "triton":
             dx, dweight, dbias = torch.ops.torch_bn.triton_backward(dy, x, mean, rstd, weight)
         elif path == "fused":
             dx, dweight, dbias = fused.closed_form_backward(dy, x, mean, rstd, weight)
         else:
+            if double_backward:
+                # mean and var are functions of x: recompute them with differentiable ops
+                # instead of using the forward's constants.
+                mean, var = ops.batch_stats(x)
+                rstd = torch.rsqrt(var + ctx.eps)
             xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
             impl = ops.closed_form_backward if ctx.backward == "closed_form" else ops.staged_backward
             dx, dweight, dbias = impl(dy, xhat, rstd, weight)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
-            dweight.to(weight.dtype) if need_w else None,
-            dbias.to(ctx.bias_dtype) if need_b else None,
+            _as_dtype(dweight, weight.dtype) if need_w else None,
+            _as_dtype(dbias, ctx.bias_dtype) if need_b else None,
             None,
             None,
         )
+
+
+class EagerBatchNormFunction(BatchNormFunction):
+    """y = EagerBatchNormFunction.apply(x, weight, bias, eps, backward, running_mean, running_var, momentum)
+
+    BatchNormFunction for eager calls outside torch.func transforms (what
+    torch_bn.functional.batch_norm and the modules run there), in the classic
+    ``forward(ctx, ...)`` style, with the running-statistics update folded in. Two reasons, both
+    per-call cost at the MLP's (50, 100), where the compiled forward itself takes ~10 us:
+
+    - for a Function with ``setup_context``, ``apply`` binds its arguments to ``forward``'s
+      signature with ``inspect`` on every call (tens of microseconds); this style skips that;
+    - the compiled forward op updates running_mean and running_var in the same C++ call
+      (three tensor ops fewer from Python).
+
+    The bodies are BatchNormFunction's (its forward for every path but the compiled op, whose
+    call differs only by the running statistics) and its backward and jvp run unchanged, so a
+    breakpoint or an edit in BatchNormFunction, or in torch_bn/ops.py, takes effect here too.
+    torch.func transforms need the ``setup_context`` style: there BatchNormFunction runs.
+    Inputs as BatchNormFunction's, plus running_mean, running_var (C,) or None, updated in place
+    (the unbiased batch variance for running_var) by momentum. Output: y alone.
+    """
+
+    generate_vmap_rule = False
+    setup_context = staticmethod(torch.autograd.Function.setup_context)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
+                running_mean: Tensor | None, running_var: Tensor | None, momentum: float) -> Tensor:
+        if dispatch.choose_path(x) == "cpp":
+            y, mean, _var, rstd = cpp.op().forward(x, weight, bias, running_mean, running_var, momentum, eps)
+        else:
+            y, mean, var = BatchNormFunction.forward(x, weight, bias, eps, backward)
+            update_running_stats(running_mean, running_var, mean, var, x, momentum)
+            rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        if torch.autograd.forward_ad._current_level >= 0:  # jvp runs only within a dual level
+            ctx.save_for_forward(x, weight, mean, rstd)
+        ctx.eps = eps
+        ctx.backward = backward
+        ctx.reference = dispatch.current_path() == "reference"
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):
+        return BatchNormFunction.jvp(ctx, dx, dweight, dbias, None, None)[0]
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None):
+        return BatchNormFunction.backward(ctx, dy, None, None) + (None, None, None)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+                         x: Tensor, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place, as F.batch_norm (lerp: one op
+    per buffer), with the unbiased batch variance for running_var; mean and var (biased) of x."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        if running_var is not None:
+            m = x.numel() // x.shape[1]
+            running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
 
 
 class CompiledBatchNormFunction(BatchNormFunction):
@@ -183,4 +182,3 @@ class CompiledBatchNormFunction(BatchNormFunction):
     code has reverse-mode AD only. Eager code, torch.func and forward_ad use BatchNormFunction."""
 
     jvp = staticmethod(torch.autograd.Function.jvp)
-

@@ -1,9 +1,9 @@
 """``torch_bn.functional.batch_norm``: the drop-in for ``torch.nn.functional.batch_norm``.
 
-Training mode goes through :class:`~torch_bn.function.BatchNormFunction`, or, for small CPU
-inputs (``choose_path(..., layer=True) == "cpp"``), the whole layer through the compiled op of
-:mod:`torch_bn.cpp`; evaluation mode is a plain per-channel affine map built from tensor ops, so
-autograd differentiates it (w.r.t. input, weight and bias) without a custom backward.
+Training mode goes through :class:`~torch_bn.function.BatchNormFunction` (whose bodies
+:func:`torch_bn.dispatch.choose_path` picks), then updates the running statistics; evaluation
+mode is a plain per-channel affine map built from tensor ops, so autograd differentiates it
+(w.r.t. input, weight and bias) without a custom backward.
 """
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import cpp, ops
-from .function import BatchNormFunction, CompiledBatchNormFunction, choose_path
+from . import eager, ops
+from . import function as _function
+from .ghost import GhostBatchNormFunction
+from .masked import MaskedBatchNormFunction
+from .renorm import BatchRenormFunction
 
 
 class ChannelMismatchError(ValueError, RuntimeError):
@@ -109,6 +112,8 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     backward: str = "closed_form",
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
 ) -> Tensor:
     """Batch normalization with the signature and semantics of ``F.batch_norm``.
 
@@ -117,14 +122,23 @@ def batch_norm(
     training: normalize with batch statistics (True) or with the running ones (False).
     momentum: weight of the new batch in the running averages. backward: "closed_form" or
     "staged" (see :mod:`torch_bn.ops`). Output: same shape and dtype as input.
+    mask: bool (N, *) (the input's shape without dim 1): training statistics over the True
+    positions only (:mod:`torch_bn.masked`). virtual_batch_size: ghost batch norm, each chunk
+    of that many samples normalized with its own statistics in training (:mod:`torch_bn.ghost`).
+    Both only change training mode; evaluation uses the running statistics as always.
     """
     if backward not in ops.BACKWARDS:
         raise ValueError(f"backward must be one of {ops.BACKWARDS}, got {backward!r}")
     if input.dim() < 2 and input.numel() == 0:  # empty 1-D input: empty output, as PyTorch
         return input.clone()
     check_input(input, training, eps, running_mean, running_var, weight, bias)
+    if mask is not None or virtual_batch_size is not None:
+        return _variant_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                   backward, mask, virtual_batch_size)
     if not training:
-        # The running statistics are constants here, as in PyTorch: no gradient, no tangent.
+        # The running statistics are constants here, as in PyTorch: no gradient, and no tangent
+        # (a tangent on them is refused, as F.batch_norm refuses it).
+        _check_no_running_tangents(input, running_mean, running_var)
         dtype = ops.compute_dtype(input)
         return ops.normalize(input, running_mean.detach().to(dtype),
                              torch.rsqrt(running_var.detach().to(dtype) + eps), weight, bias)
@@ -134,20 +148,15 @@ def batch_norm(
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias)
 
-    if choose_path(input, staged=backward == "staged", layer=True) == "cpp":
-        # The whole layer in one compiled call: the same statistics and y, the same lerp_ of the
-        # running statistics as below, and the closed-form backward as a C++ autograd node.
-        return cpp.op()(input, weight, bias, running_mean, running_var, momentum, eps)
-    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
-    y, mean, var = function.apply(input, weight, bias, eps, backward)
-    with torch.no_grad():
-        # running = (1 - momentum) * running + momentum * batch, as lerp: one op per buffer.
-        if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        if running_var is not None:
-            m = input.numel() // input.shape[1]
-            running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
-    return y
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # The setup_context-style Functions (torch.compile traces CompiledBatchNormFunction).
+        function = _function.CompiledBatchNormFunction if torch.compiler.is_compiling() else _function.BatchNormFunction
+        y, mean, var = function.apply(input, weight, bias, eps, backward)
+        _function.update_running_stats(running_mean, running_var, mean, var, input, momentum)
+        return y
+    # Eager: the same Function's bodies, the running statistics updated inside (one call).
+    return _function.EagerBatchNormFunction.apply(input, weight, bias, eps, backward, running_mean, running_var,
+                                                  momentum)
 
 
 def batch_norm_stateless(
@@ -161,6 +170,8 @@ def batch_norm_stateless(
     eps: float = 1e-5,
     *,
     backward: str = "closed_form",
+    mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Batch normalization that returns the updated running statistics instead of writing them.
 
@@ -175,7 +186,8 @@ def batch_norm_stateless(
     differentiable. momentum may be a 0-d tensor (e.g. 1 / num_batches_tracked for a cumulative
     average under vmap).
 
-    Inputs: input (N, C, *); running_mean, running_var (C,) or None; weight, bias (C,) or None.
+    Inputs: input (N, C, *); running_mean, running_var (C,) or None; weight, bias (C,) or None;
+    mask and virtual_batch_size as for :func:`batch_norm`.
     Outputs: output like input; new_running_mean, new_running_var (C,) or None.
 
     Example::
@@ -191,6 +203,11 @@ def batch_norm_stateless(
     # Running statistics that require grad are accepted here (the new ones come back detached,
     # as buffers), so check_input sees them detached.
     check_input(input, training, eps, _detached(running_mean), _detached(running_var), weight, bias)
+    if mask is not None or virtual_batch_size is not None:
+        _check_variant(input, training, backward, mask, virtual_batch_size)
+        if training and input.numel() > 0:
+            y, mean, var = _variant_train(input, weight, bias, eps, mask, virtual_batch_size)
+            return y, *_lerp_running_stats(running_mean, running_var, mean, var, momentum, in_place=False)
     if not training:  # check_input refused evaluation without running statistics
         y = ops.normalize(input, running_mean.to(ops.compute_dtype(input)),
                           torch.rsqrt(running_var.to(ops.compute_dtype(input)) + eps), weight, bias)
@@ -201,7 +218,7 @@ def batch_norm_stateless(
         # running statistics come back unchanged.
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
         return ops.normalize(input, ones * 0, ones, weight, bias), running_mean, running_var
-    function = CompiledBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    function = _function.CompiledBatchNormFunction if torch.compiler.is_compiling() else _function.BatchNormFunction
     y, mean, var = function.apply(input, weight, bias, eps, backward)
     m = input.numel() // input.shape[1]
     new_mean = new_var = None
@@ -214,6 +231,21 @@ def batch_norm_stateless(
     return y, new_mean, new_var
 
 
+def _check_no_running_tangents(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """PyTorch's refusal (same message, a RuntimeError) of forward-mode tangents on the running
+    statistics where the input has one too (F.batch_norm's forward derivative runs only then):
+    batch norm is not differentiable with respect to them."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level open: no tangents anywhere
+        return
+    if torch.autograd.forward_ad.unpack_dual(input).tangent is None:
+        return
+    for t in (running_mean, running_var):
+        if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+                               "have forward grad defined; pass them without tangents (e.g. detach them, or "
+                               "leave them out of the dual inputs)")
+
+
 def _detached(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
@@ -221,3 +253,168 @@ def _detached(t: Tensor | None) -> Tensor | None:
 def _weight_like(momentum: float | Tensor, t: Tensor) -> float | Tensor:
     """lerp's weight: a float as it is, a tensor in the dtype of the tensor it updates."""
     return momentum.to(t.dtype) if isinstance(momentum, Tensor) else momentum
+
+
+# ---- Masked statistics, ghost batch norm and batch renormalization ------------------------------
+
+def _lerp_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
+                        unbiased_var: Tensor, momentum: float | Tensor, *, in_place: bool
+                        ) -> tuple[Tensor | None, Tensor | None]:
+    """running.lerp(batch, momentum) for each running statistic given (not differentiable):
+    written into the buffers (in_place) or returned as new tensors (the stateless forms)."""
+    new = []
+    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+        if running is None:
+            new.append(None)
+        elif in_place:  # nothing here requires grad, so nothing is recorded (no no_grad() needed)
+            new.append(running.lerp_(batch.detach().to(running.dtype), momentum))
+        else:
+            new.append(running.detach().lerp(batch.detach().to(running.dtype), _weight_like(momentum, running)))
+    return new[0], new[1]
+
+
+def _counted(mask: Tensor) -> int | None:
+    """The number of True positions of mask, or None where it is not a plain value (a batched
+    mask under torch.func.vmap: the count check is then left out)."""
+    try:
+        return int(mask.sum())
+    except RuntimeError:
+        return None
+
+
+def _check_variant(input: Tensor, training: bool, backward: str, mask: Tensor | None,
+                   virtual_batch_size: int | None, *, check_count: bool = True) -> None:
+    """Clear errors for a mask or virtual batch size that batch norm cannot use. check_count=False
+    leaves out the count of True positions (synchronized batch norm counts over every rank)."""
+    if mask is not None and virtual_batch_size is not None:
+        raise ValueError("batch_norm takes mask or virtual_batch_size, not both: ghost batch norm with "
+                         "masked statistics is not implemented")
+    if backward != "closed_form":
+        raise ValueError(f"backward={backward!r} is only for plain batch norm; with mask or "
+                         f"virtual_batch_size the backward is the closed form")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True where a position counts), got "
+                            f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}; "
+                            f"e.g. mask = lengths_mask > 0")
+        expected = (input.shape[0], *input.shape[2:])
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask must have the input's shape without dim 1, {expected} for input "
+                             f"{tuple(input.shape)}, got {tuple(mask.shape)}")
+        if mask.device != input.device:
+            raise ValueError(f"mask is on {mask.device} but the input on {input.device}; move it, "
+                             f"e.g. mask.to(input.device)")
+        if training and check_count and input.numel() > 0:
+            count = _counted(mask)
+            if count is not None and count < 2:
+                raise ValueError(f"masked batch norm needs at least 2 counted values per channel when "
+                                 f"training, got {count} (mask has {count} True of {mask.numel()} "
+                                 f"positions); count more positions, or use evaluation mode")
+    if virtual_batch_size is not None:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be a positive int (samples per ghost batch), got "
+                             f"{virtual_batch_size!r}")
+        n = input.shape[0]
+        v = min(virtual_batch_size, n)
+        if training and n > 0 and (v == 1 or n % v == 1):
+            raise ValueError(f"Expected more than 1 value per channel when training: ghost batch norm with "
+                             f"virtual_batch_size={virtual_batch_size} splits a batch of {n} into chunks "
+                             f"of {v} with a last chunk of {n % v or v} sample; use a batch size that "
+                             f"leaves no chunk of one sample, or drop the last incomplete batch")
+
+
+def _variant_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                   mask: Tensor | None, virtual_batch_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode masked or ghost batch norm: y, and the batch mean and unbiased variance
+    that the running statistics move towards."""
+    if mask is not None:
+        y, mean, var, count = eager.apply(MaskedBatchNormFunction, input, weight, bias, mask, eps)
+        return y, mean, var * (count / (count - 1))  # unbiased over the counted positions
+    y, means, variances, _rstd = eager.apply(GhostBatchNormFunction, input, weight, bias, eps, virtual_batch_size)
+    # Keras 2's rule: the mean over chunks of the chunk means and of the chunk unbiased variances.
+    n, per_sample = input.shape[0], input.numel() // (input.shape[0] * input.shape[1])
+    v = min(virtual_batch_size, n)
+    m = v * per_sample  # values per channel in a chunk
+    if n % v == 0:
+        return y, means.mean(0), variances.mean(0) * (m / (m - 1))
+    last = (n % v) * per_sample  # the smaller last chunk
+    unbiased = torch.cat([variances[:-1] * (m / (m - 1)), variances[-1:] * (last / (last - 1))])
+    return y, means.mean(0), unbiased.mean(0)
+
+
+def _variant_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                        weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float,
+                        eps: float, backward: str, mask: Tensor | None,
+                        virtual_batch_size: int | None) -> Tensor:
+    """batch_norm with a mask or a virtual batch size (checked by check_input already)."""
+    _check_variant(input, training, backward, mask, virtual_batch_size)
+    if not training or input.numel() == 0:  # evaluation, or an empty batch: plain batch norm
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    y, mean, var = _variant_train(input, weight, bias, eps, mask, virtual_batch_size)
+    _lerp_running_stats(running_mean, running_var, mean, var, momentum, in_place=True)
+    return y
+
+
+def _check_renorm(rmax: float, dmax: float) -> None:
+    if not rmax >= 1.0:
+        raise ValueError(f"batch renormalization needs rmax >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
+    if not dmax >= 0.0:
+        raise ValueError(f"batch renormalization needs dmax >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+) -> Tensor:
+    """Batch renormalization (Ioffe, 2017): batch norm corrected towards the running statistics.
+
+    In training, with the batch mean and biased variance and the running statistics before
+    this call's update (sigma_B = sqrt(var_B + eps), sigma = sqrt(running_var + eps)):
+    ``y = weight * ((x - mean_B) / sigma_B * r + d) + bias``, r = clamp(sigma_B / sigma, 1/rmax, rmax),
+    d = clamp((mean_B - running_mean) / sigma, -dmax, dmax), r and d constants for the gradient
+    (:class:`torch_bn.renorm.BatchRenormFunction`); then the running statistics move as in
+    :func:`batch_norm`. In evaluation mode, or without running statistics, it is :func:`batch_norm`.
+    ``rmax=1, dmax=0`` is batch norm. Inputs and output as :func:`batch_norm`.
+    """
+    _check_renorm(rmax, dmax)
+    if not training or running_mean is None or running_var is None or input.numel() == 0:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_input(input, training, eps, running_mean, running_var, weight, bias)
+    y, mean, var, _r, _d = eager.apply(BatchRenormFunction, input, weight, bias, running_mean.detach(),
+                                                     running_var.detach(), eps, rmax, dmax)
+    m = input.numel() // input.shape[1]
+    _lerp_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum, in_place=True)
+    return y
+
+
+def batch_renorm_stateless(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`batch_renorm` that returns ``(output, new_running_mean, new_running_var)`` instead
+    of writing the running statistics, as :func:`batch_norm_stateless` (torch.func transforms)."""
+    _check_renorm(rmax, dmax)
+    if not training or running_mean is None or running_var is None or input.numel() == 0:
+        return batch_norm_stateless(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_input(input, training, eps, _detached(running_mean), _detached(running_var), weight, bias)
+    y, mean, var, _r, _d = eager.apply(BatchRenormFunction, input, weight, bias, running_mean.detach(),
+                                                     running_var.detach(), eps, rmax, dmax)
+    m = input.numel() // input.shape[1]
+    return y, *_lerp_running_stats(running_mean, running_var, mean, var * (m / (m - 1)), momentum,
+                                   in_place=False)

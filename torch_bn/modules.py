@@ -8,8 +8,8 @@ initialization (``reset_parameters``, ``reset_running_stats``), ``__constants__`
 versioning (an old checkpoint without ``num_batches_tracked`` keeps the module's count), the
 per-class input-dimension check and the lazy initialization. torch_bn's own: ``forward`` (the
 averaging factor, then one call of :func:`torch_bn.functional.batch_norm`, which updates the
-running statistics and runs :class:`~torch_bn.function.BatchNormFunction`, or the compiled op of
-:mod:`torch_bn.cpp` for small CPU inputs), the ``backward=`` argument, and ``extra_repr``.
+running statistics and runs :class:`~torch_bn.function.BatchNormFunction`, whose bodies are the
+compiled CPU op, the fused or Triton kernels or the reference ops), the ``backward=`` argument, and ``extra_repr``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import func as _func
 from . import ops
-from .functional import batch_norm
+from .functional import batch_norm, batch_norm_stateless, batch_renorm, batch_renorm_stateless
 
 _DOC = r"""Batch normalization over a {dims} input; a drop-in for :class:`torch.nn.{name}` (a subclass of it).
 
@@ -127,18 +127,29 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         s = super().extra_repr()
         return s if self.backward == "closed_form" else s + f", backward={self.backward!r}"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize input (N, C, *); mask: bool (N, *), training statistics over its True
+        positions only (see :func:`torch_bn.functional.batch_norm`)."""
         if isinstance(input, torch.fx.Proxy):
             # torch.fx symbolic tracing: record this layer as one call of the module, as torch.fx
             # does for torch.nn's own layers (leaf modules), so that the graph runs this forward:
             # input checks, running-statistics update and the train/eval switch included.
-            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
+            args = (input,) if mask is None else (input, mask)
+            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), args, {})
         self._check_input_dim(input)
         if _func.recording():  # inside torch_bn.func.functional_call: new buffers returned, none written
-            return _func.stateless_forward(self, input)
+            return _func.stateless_forward(self, input, mask)
         running_mean, running_var, use_batch_stats, factor = batch_norm_arguments(self)
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
-                          self.eps, backward=self.backward)
+        function, keywords = self.functional(mask, self.num_batches_tracked, stateless=False)
+        return function(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+                        self.eps, **keywords)
+
+    def functional(self, mask: Tensor | None, num_batches_tracked: Tensor | None, stateless: bool):
+        """The functional call this layer's forward makes (in place, or the stateless form inside
+        :func:`torch_bn.func.functional_call`) and its keywords beyond ``F.batch_norm``'s.
+        num_batches_tracked: the count after this batch's increment (batch renormalization's
+        warm-up reads it)."""
+        return (batch_norm_stateless if stateless else batch_norm), {"backward": self.backward, "mask": mask}
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
@@ -189,6 +200,152 @@ class LazyBatchNorm3d(_LazyBatchNorm, nn.LazyBatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
+_GHOST_DOC = r"""Ghost batch norm (Hoffer et al., 2017) over a {dims} input; a subclass of :class:`torch.nn.{base}`.
+
+    In training the batch is split into consecutive chunks of ``virtual_batch_size`` samples along
+    dim 0 (the last may be smaller; a chunk of one sample is an error) and each chunk is normalized
+    with its own mean and biased variance (:class:`torch_bn.ghost.GhostBatchNormFunction`, one call
+    over a reshaped view, never a loop over chunks). The running statistics move once per call,
+    towards the mean over chunks of the chunk means and of the chunk unbiased variances (Keras 2's
+    rule). Evaluation: plain batch norm with the running statistics (with
+    ``track_running_stats=False``: the chunked batch statistics, as in training). With
+    ``virtual_batch_size >= N`` it is batch norm.
+
+    Args:
+        num_features: number of channels :math:`C` (dim 1 of the input)
+        virtual_batch_size: samples per ghost batch (chunk), at least 2
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as :class:`torch.nn.{base}`
+
+    Shape:
+        - Input: {shape}; ``forward(input)`` (masks are not supported with ghost batches)
+        - Output: same shape as input
+
+    Examples::
+
+        >>> m = torch_bn.{name}(64, virtual_batch_size=32)
+        >>> output = m(torch.randn({example_input}))   # 8 ghost batches of 32
+    """
+
+_RENORM_DOC = r"""Batch renormalization (Ioffe, 2017) over a {dims} input; a subclass of :class:`torch.nn.{base}`.
+
+    In training, with the batch mean :math:`\mu_B` and biased variance, :math:`\sigma_B =
+    \sqrt{{\mathrm{{Var}}_B + \epsilon}}` and :math:`\sigma = \sqrt{{\mathrm{{running\_var}}
+    + \epsilon}}` (before this batch's update):
+
+    .. math::
+
+        y = \gamma \left(\frac{{x - \mu_B}}{{\sigma_B}} r + d\right) + \beta,\quad
+        r = \mathrm{{clip}}_{{[1/r_{{max}}, r_{{max}}]}}\left(\frac{{\sigma_B}}{{\sigma}}\right),\quad
+        d = \mathrm{{clip}}_{{[-d_{{max}}, d_{{max}}]}}\left(\frac{{\mu_B - \mathrm{{running\_mean}}}}{{\sigma}}\right)
+
+    with r and d constants for the gradient (:class:`torch_bn.renorm.BatchRenormFunction`); the
+    running statistics move as nn's. While ``num_batches_tracked <= warmup_steps`` (counted after
+    this batch's increment) it is plain batch norm. Evaluation: plain batch norm with the running
+    statistics; with ``track_running_stats=False`` it is plain batch norm throughout.
+
+    Args:
+        num_features: number of channels :math:`C` (dim 1 of the input)
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as :class:`torch.nn.{base}`
+        rmax: bound of r, at least 1. Default: 3.0
+        dmax: bound of d, at least 0. Default: 5.0
+        warmup_steps: training batches of plain batch norm before the corrections start. Default: 0
+
+    Shape:
+        - Input: {shape}; ``forward(input)`` (masks are not supported with renormalization)
+        - Output: same shape as input
+
+    Examples::
+
+        >>> m = torch_bn.{name}(64, rmax=3.0, dmax=5.0, warmup_steps=1000)
+        >>> output = m(torch.randn({example_input}))
+    """
+
+
+class _GhostBatchNorm(_BatchNorm):
+    """Ghost batch norm's constructor (``virtual_batch_size``) and functional keyword."""
+
+    virtual_batch_size: int
+
+    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 device=None, dtype=None, *, bias: bool = True) -> None:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
+            raise ValueError(f"virtual_batch_size must be an int >= 2 (samples per ghost batch; a chunk of "
+                             f"one sample has no variance), got {virtual_batch_size!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+    def functional(self, mask: Tensor | None, num_batches_tracked: Tensor | None, stateless: bool):
+        if mask is not None:
+            raise ValueError(f"{type(self).__name__} does not take a mask: ghost batch norm with masked "
+                             f"statistics is not implemented")
+        return ((batch_norm_stateless if stateless else batch_norm),
+                {"virtual_batch_size": self.virtual_batch_size})
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    __doc__ = _GHOST_DOC.format(name="GhostBatchNorm1d", base="BatchNorm1d", dims="2D or 3D",
+                                shape=r":math:`(N, C)` or :math:`(N, C, L)`", example_input="256, 64")
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    __doc__ = _GHOST_DOC.format(name="GhostBatchNorm2d", base="BatchNorm2d", dims="4D",
+                                shape=r":math:`(N, C, H, W)`", example_input="256, 64, 8, 8")
+
+
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+    __doc__ = _GHOST_DOC.format(name="GhostBatchNorm3d", base="BatchNorm3d", dims="5D",
+                                shape=r":math:`(N, C, D, H, W)`", example_input="256, 64, 4, 4, 4")
+
+
+class _BatchRenorm(_BatchNorm):
+    """Batch renormalization's constructor (``rmax``, ``dmax``, ``warmup_steps``) and functional call."""
+
+    rmax: float
+    dmax: float
+    warmup_steps: int
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, rmax: float = 3.0,
+                 dmax: float = 5.0, warmup_steps: int = 0, bias: bool = True) -> None:
+        if not rmax >= 1.0 or not dmax >= 0.0:
+            raise ValueError(f"batch renormalization needs rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.rmax, self.dmax, self.warmup_steps = float(rmax), float(dmax), warmup_steps
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
+
+    def functional(self, mask: Tensor | None, num_batches_tracked: Tensor | None, stateless: bool):
+        if mask is not None:
+            raise ValueError(f"{type(self).__name__} does not take a mask: batch renormalization with "
+                             f"masked statistics is not implemented")
+        if (self.training and self.warmup_steps and num_batches_tracked is not None
+                and int(num_batches_tracked) <= self.warmup_steps):
+            return (batch_norm_stateless if stateless else batch_norm), {}  # warm-up: r = 1, d = 0
+        return (batch_renorm_stateless if stateless else batch_renorm), {"rmax": self.rmax, "dmax": self.dmax}
+
+
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
+    __doc__ = _RENORM_DOC.format(name="BatchRenorm1d", base="BatchNorm1d", dims="2D or 3D",
+                                 shape=r":math:`(N, C)` or :math:`(N, C, L)`", example_input="32, 64")
+
+
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
+    __doc__ = _RENORM_DOC.format(name="BatchRenorm2d", base="BatchNorm2d", dims="4D",
+                                 shape=r":math:`(N, C, H, W)`", example_input="8, 64, 16, 16")
+
+
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
+    __doc__ = _RENORM_DOC.format(name="BatchRenorm3d", base="BatchNorm3d", dims="5D",
+                                 shape=r":math:`(N, C, D, H, W)`", example_input="4, 64, 4, 8, 8")
+
+
 # Exact types: subclasses of nn's classes (SyncBatchNorm, user classes) are left alone.
 _TO_TORCH_BN: dict[type, type] = {
     nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
@@ -196,6 +353,11 @@ _TO_TORCH_BN: dict[type, type] = {
     nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
 _TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in _TO_TORCH_BN.items()}
+# Ghost and renormalized layers go to nn's batch norm too: the same function in evaluation mode
+# (what export and fusion tools see); training would then be plain batch norm.
+_TO_TORCH.update({GhostBatchNorm1d: nn.BatchNorm1d, GhostBatchNorm2d: nn.BatchNorm2d,
+                  GhostBatchNorm3d: nn.BatchNorm3d, BatchRenorm1d: nn.BatchNorm1d,
+                  BatchRenorm2d: nn.BatchNorm2d, BatchRenorm3d: nn.BatchNorm3d})
 
 
 def _replace(module: nn.Module, new_cls: type, **kwargs) -> nn.Module:
@@ -224,6 +386,11 @@ def convert(module: nn.Module, backward: str = "closed_form", *, to: str = "torc
     originals (so an optimizer built before still holds them), training mode is kept, and the
     converted module is returned (``module`` itself unless it is a BN layer). ``backward`` is the
     torch_bn layers' backward (ignored with ``to="torch"``).
+
+    ``BatchRenorm*`` and ``GhostBatchNorm*`` are left as they are by ``to="torch_bn"`` (they already
+    are torch_bn's, and nn's layers would not say which rmax or virtual_batch_size to use); with
+    ``to="torch"`` they become ``nn.BatchNorm*`` holding the same tensors: the same function in
+    evaluation mode (what export and fusion tools need), plain batch norm if trained further.
 
     Example::
 

@@ -207,7 +207,7 @@ def test_compare_cli_dashboards_and_summaries(tiny_cifar, tmp_path):
         histograms = {"layer1/pre_norm", "layer2/pre_norm"}
         if norm != "none":
             histograms |= {"layer1/post_norm", "layer1/bn_weight", "layer1/bn_bias", "layer1/bn_running_mean",
-                           "layer2/bn_running_var"}
+                           "layer2/bn_running_std"}
         assert histograms <= set(tags["histograms"])
         assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
         assert not [t for t in tags["scalars"] if t.startswith("hparam")]
@@ -219,9 +219,11 @@ def test_compare_cli_dashboards_and_summaries(tiny_cifar, tmp_path):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
     for key in ("train_acc", "val_acc"):
         assert summaries["torch_bn"]["history"][key] == summaries["nn"]["history"][key]
-    # The curves figure: a PNG, and one TensorBoard image per panel in the comparison's own run.
+    # The curves figure: a PNG, and one TensorBoard image per panel in the comparison's first run.
     assert os.path.getsize(os.path.join(root, "compare.png")) > 10_000
-    assert {"compare/loss", "compare/train_accuracy", "compare/val_accuracy"} <= set(events(root).Tags()["images"])
+    first = events(os.path.join(root, "torch_bn")).Tags()
+    assert {"compare/loss", "compare/train_accuracy", "compare/val_accuracy"} <= set(first["images"])
+    assert "experiment/text_summary" in first["tensors"]
     # The same run name again is refused, and nothing is overwritten.
     assert train.main(args) == 2
 
@@ -231,15 +233,17 @@ def test_experiments_write_figures_and_hparams(tiny_cifar, tmp_path):
     common = ["--data-dir", tiny_cifar, "--logdir", logdir, "--epochs", "1", "--num-train", "100", *TINY]
     assert train.main(["--experiment", "deep", "--run-name", "deep", *common]) == 0
     assert os.path.getsize(os.path.join(logdir, "deep", "deep.png")) > 10_000
-    assert {"deep/loss", "deep/train_accuracy", "deep/val_accuracy"} <= set(events(os.path.join(logdir, "deep")).Tags()["images"])
+    images = set(events(os.path.join(logdir, "deep", "torch_bn")).Tags()["images"])
+    assert {"deep/loss", "deep/train_accuracy", "deep/val_accuracy"} <= images
     assert train.main(["--experiment", "weight-scale", "--num-scales", "2", "--run-name", "ws", *common]) == 0
     root = os.path.join(logdir, "ws")
     assert os.path.getsize(os.path.join(root, "weight_scale.png")) > 10_000
     assert os.path.getsize(os.path.join(root, "activation_std.png")) > 10_000
-    images = set(events(root).Tags()["images"])
+    images = set(events(os.path.join(root, "ws1e-04", "torch_bn")).Tags()["images"])
     assert {"weight_scale/best_val_acc", "activation_std/tiny", "activation_std/good", "activation_std/large"} <= images
-    runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    assert runs == ["scale00_none", "scale00_torch_bn", "scale01_none", "scale01_torch_bn"]
+    runs = sorted(os.path.join(s, n) for s in os.listdir(root) if os.path.isdir(os.path.join(root, s))
+                  for n in os.listdir(os.path.join(root, s)))
+    assert runs == [os.path.join(s, n) for s in ("ws1e+00", "ws1e-04") for n in ("none", "torch_bn")]
     for d in runs:
         with open(os.path.join(root, d, "summary.json")) as f:
             s = json.load(f)

@@ -145,7 +145,7 @@ def test_vectorized_dashboards_equal_sequential(tiny_cifar, tmp_path, monkeypatc
         # Per-epoch histograms: the same tags and steps, the same number of values, the same range and sum.
         assert sorted(a.Tags()["histograms"]) == sorted(b.Tags()["histograms"])
         assert any(t.endswith("/pre_norm") for t in a.Tags()["histograms"])
-        assert any(t.endswith("/bn_running_var") for t in a.Tags()["histograms"]) == (c.norm == "torch_bn")
+        assert any(t.endswith("/bn_running_std") for t in a.Tags()["histograms"]) == (c.norm == "torch_bn")
         for tag in a.Tags()["histograms"]:
             ha, hb = a.Histograms(tag), b.Histograms(tag)
             assert [e.step for e in ha] == [e.step for e in hb], tag
@@ -208,11 +208,15 @@ def test_cli_vectorized_sweep_writes_what_the_sequential_one_writes(tiny_cifar, 
     seq_root, vec_root = os.path.join(logdir, "seq"), os.path.join(logdir, "vec")
     for png in ("weight_scale.png", "activation_std.png"):
         assert os.path.getsize(os.path.join(vec_root, png)) > 10_000
-    root_tags = events(vec_root).Tags()
-    assert sorted(root_tags["images"]) == sorted(events(seq_root).Tags()["images"])
-    assert {"weight_scale/best_val_acc", "activation_std/tiny"} <= set(root_tags["images"])
-    runs = sorted(d for d in os.listdir(seq_root) if os.path.isdir(os.path.join(seq_root, d)))
-    assert runs == sorted(d for d in os.listdir(vec_root) if os.path.isdir(os.path.join(vec_root, d)))
+    first_tags = events(os.path.join(vec_root, "ws1e-04", "torch_bn")).Tags()
+    assert sorted(first_tags["images"]) == sorted(events(os.path.join(seq_root, "ws1e-04", "torch_bn")).Tags()["images"])
+    assert {"weight_scale/best_val_acc", "activation_std/tiny"} <= set(first_tags["images"])
+
+    def run_folders(root):
+        return sorted(os.path.relpath(d, root) for d, _, files in os.walk(root) if "summary.json" in files)
+
+    runs = run_folders(seq_root)
+    assert runs == run_folders(vec_root) and len(runs) == 4
     for d in runs:
         a, b = events(os.path.join(seq_root, d)), events(os.path.join(vec_root, d))
         assert a.Tags()["scalars"] == b.Tags()["scalars"] and a.Tags()["histograms"] == b.Tags()["histograms"]
@@ -238,7 +242,7 @@ def test_cli_vectorized_resume_after_a_crash(tiny_cifar, tmp_path, monkeypatch):
             "--logdir", logdir, "--run-name", "v", "--epochs", "2", "--num-train", "100", "--hidden-dims", "8", *TINY]
     crash_after_first_save(monkeypatch, VectorizedTrainer, lambda: train.main(args))
     assert train.main(["--resume", os.path.join(logdir, "v"), "--quiet"]) == 0
-    with open(os.path.join(logdir, "v", "scale01_torch_bn", "summary.json")) as f:
+    with open(os.path.join(logdir, "v", "ws1e+00", "torch_bn", "summary.json")) as f:
         assert len(json.load(f)["history"]["val_acc"]) == 3
 
 

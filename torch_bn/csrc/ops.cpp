@@ -1,0 +1,146 @@
+// torch_bn's compiled CPU ops, torch.ops.torch_bn_cpp.batch_norm_forward / batch_norm_backward:
+// the schemas, the input checks, and the CPU implementations, which call the loops of
+// kernels.cpp (interface: kernels.h).
+//
+// There is no autograd node here: the ops are the bodies of torch_bn's Python autograd Function
+// (torch_bn/function.py, BatchNormFunction), which calls batch_norm_forward in its forward and
+// batch_norm_backward in its backward. torch_bn/cpp.py builds and loads this library;
+// torch_bn/dispatch.py's choose_path decides when these ops run.
+//
+// The fake implementations (outputs' shapes, dtypes and strides without computing them, for
+// FakeTensor, torch.compile and torch.library.opcheck) are registered from Python by
+// torch_bn/cpp.py with torch.library.register_fake: they handle symbolic shapes there.
+
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+
+namespace torch_bn_cpp {
+namespace {
+
+using at::Tensor;
+
+void check_input(const char* op, const Tensor& x, const std::optional<Tensor>& weight,
+                 const std::optional<Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 2, op, ": batch_norm expects input of shape (N, C) or (N, C, *), got ", x.dim(),
+              "D input of shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": batch_norm expects a floating-point input, got ",
+              x.scalar_type(), "; convert it first, e.g. input.float()");
+  const int64_t c = x.size(1);
+  for (const auto* v : {&weight, &bias}) {
+    TORCH_CHECK(!v->has_value() || !(*v)->defined() || (*v)->numel() == c, op, ": a per-channel tensor has ",
+                (*v)->numel(), " elements but the input has ", c, " channels (dim 1) in shape ", x.sizes());
+  }
+  const int64_t m = c == 0 ? x.size(0) : x.numel() / c;
+  TORCH_CHECK(m > 1, "Expected more than 1 value per channel when training, got input size ", x.sizes());
+}
+
+void check_cpu(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, " runs on CPU tensors, got ", x.device(),
+              "; call torch_bn.functional.batch_norm, which picks the path for the device");
+}
+
+// A (C,) vector as the kernels take it: contiguous, in the op-math dtype; undefined when absent.
+Tensor channel_vector(const std::optional<Tensor>& v, at::ScalarType dtype) {
+  return v.has_value() && v->defined() ? v->to(dtype).contiguous() : Tensor();
+}
+
+// running = lerp(running, factor * batch, momentum), computed as ATen's lerp_ computes it (in the
+// buffer's dtype, the weight's two branches) after batch * factor in the op-math dtype, as the
+// Python paths do with tensor ops; a loop over C values when the buffer is a contiguous float or
+// double vector in the op-math dtype (the usual case: no dispatch per op), else those tensor ops.
+void update_running(Tensor& running, const Tensor& batch, double factor, double momentum) {
+  if (!(running.is_contiguous() && running.scalar_type() == batch.scalar_type() &&
+        (running.scalar_type() == at::kFloat || running.scalar_type() == at::kDouble))) {
+    running.lerp_((factor == 1.0 ? batch : batch.mul(factor)).to(running.scalar_type()), momentum);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "torch_bn_cpp::update_running", [&] {
+    scalar_t* r = running.mutable_data_ptr<scalar_t>();
+    const scalar_t* b = batch.const_data_ptr<scalar_t>();
+    const scalar_t f = static_cast<scalar_t>(factor), w = static_cast<scalar_t>(momentum);
+    for (int64_t c = 0; c < running.numel(); ++c) {
+      const scalar_t end = factor == 1.0 ? b[c] : b[c] * f;
+      r[c] = std::abs(w) < scalar_t(0.5) ? r[c] + w * (end - r[c]) : end - (end - r[c]) * (scalar_t(1) - w);
+    }
+  });
+}
+
+// The forward, then (where given) the running statistics move towards the batch's, as in
+// F.batch_norm: running = lerp(running, batch, momentum), with the unbiased batch variance.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias,
+                                                       const std::optional<Tensor>& running_mean,
+                                                       const std::optional<Tensor>& running_var, double momentum,
+                                                       double eps) {
+  constexpr const char* op = "torch_bn_cpp::batch_norm_forward";
+  check_cpu(op, x);
+  check_input(op, x, weight, bias);
+  for (const auto* v : {&running_mean, &running_var}) {
+    TORCH_CHECK(!v->has_value() || !(*v)->defined() || (*v)->numel() == x.size(1), op, ": a running statistic has ",
+                (*v)->numel(), " elements but the input has ", x.size(1), " channels (dim 1)");
+  }
+  const auto acc = at::toOpMathType(x.scalar_type());
+  auto result = forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc), eps);
+  const Tensor &mean = std::get<1>(result), &var = std::get<2>(result);
+  if (running_mean.has_value() && running_mean->defined()) {
+    Tensor rm = *running_mean;
+    update_running(rm, mean, 1.0, momentum);
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    Tensor rv = *running_var;
+    const double m = static_cast<double>(x.numel() / x.size(1));
+    update_running(rv, var, m / (m - 1), momentum);
+  }
+  return result;
+}
+
+void check_backward(const char* op, const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd) {
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": the gradient's shape ", dy.sizes(), " differs from the input's ",
+              x.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": the gradient's dtype ", dy.scalar_type(),
+              " differs from the input's ", x.scalar_type());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  for (const Tensor* v : {&mean, &rstd}) {
+    TORCH_CHECK(v->dim() == 1 && v->numel() == x.size(1) && v->scalar_type() == acc, op,
+                ": mean and rstd must be (C,) in ", acc, " (from batch_norm_forward), got ", v->sizes(), " in ",
+                v->scalar_type());
+  }
+}
+
+// dx is an empty (0,) tensor when need_dx is false (a schema's Tensor output is always a tensor).
+std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
+                                                const Tensor& mean, const Tensor& rstd, bool need_dx) {
+  constexpr const char* op = "torch_bn_cpp::batch_norm_backward";
+  check_cpu(op, x);
+  check_cpu(op, dy);
+  check_input(op, x, weight, std::nullopt);
+  check_backward(op, dy, x, mean, rstd);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  auto [dx, dweight, dbias] =
+      backward_kernel(dy, x, channel_vector(weight, acc), mean.contiguous(), rstd.contiguous(), need_dx);
+  return {need_dx ? dx : at::empty({0}, x.options()), dweight, dbias};
+}
+
+}  // namespace
+}  // namespace torch_bn_cpp
+
+TORCH_LIBRARY(torch_bn_cpp, m) {
+  // y, mean, biased var, rstd = 1 / sqrt(var + eps); the statistics (C,) in the op-math dtype.
+  // running_mean / running_var, where given, are updated in place (lerp by momentum).
+  m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // dx (empty when not need_dx), dweight = sum(dy * xhat), dbias = sum(dy).
+  m.def("batch_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool need_dx) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(torch_bn_cpp, CPU, m) {
+  m.impl("batch_norm_forward", &torch_bn_cpp::forward_cpu);
+  m.impl("batch_norm_backward", &torch_bn_cpp::backward_cpu);
+}
