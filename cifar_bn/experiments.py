@@ -16,20 +16,15 @@ from dataclasses import replace
 
 import numpy as np
 
+from .config import TrainConfig
 from .dashboard import RunLogger
 from .data import CIFAR10Data
 from .figures import (COMPARE_ORDER, activation_std_draws, close, colour_note, curve_draws, panels, row,
                       weight_scale_draws)
-from .training import LOG_EVERY, TrainConfig, run
+from .lifecycle import LOG_EVERY
+from .training import run
 from .vectorized import run_many
 
-# The notebook's sections 2 and 3: 1,000 training images, 10 epochs, batch 50, Adam 1e-3.
-PRESETS = {
-    "deep": dict(hidden_dims=(100,) * 5, weight_scale=2e-2, epochs=10, batch_size=50, optimizer="adam", lr=1e-3,
-                 num_train=1000),
-    "weight-scale": dict(hidden_dims=(50,) * 7, epochs=10, batch_size=50, optimizer="adam", lr=1e-3,
-                         num_train=1000),
-}
 CARDS = {
     "compare": "**Compare**: the same MLP with torch_bn.BatchNorm1d, nn.BatchNorm1d and no normalization, from "
                "identical initial Linear weights and batch order (one run each). torch_bn and nn.BatchNorm1d "

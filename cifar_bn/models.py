@@ -9,17 +9,7 @@ from torch import Tensor, nn
 
 from torch_bn import BatchNorm1d, BatchNorm2d
 
-NORMS = ("torch_bn", "nn", "none")
-NORM_ALIASES = {"torch": "nn"}  # "torch" reads like the whole library; accepted, stored as "nn"
-
-
-def canonical_norm(norm: str) -> str:
-    """The normalization's name in NORMS ("torch" is accepted for "nn"); ValueError for any other."""
-    norm = NORM_ALIASES.get(norm, norm)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)} (or torch, an alias of nn), got {norm!r}")
-    return norm
-
+from .config import canonical_norm
 
 class MLP(nn.Module):
     """Multi-layer perceptron for flattened images, with optional batch norm per hidden layer.
