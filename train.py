@@ -13,32 +13,42 @@
     torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
     tensorboard --logdir runs/NAME                                # a launch's dashboards (the folder it printed)
 
-On offline machines add --data-dir ../shared/data --no-verify.
+CIFAR-10 is downloaded into --data-dir (default ./data) on the first run; offline, put the folder
+cifar-10-batches-py (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted) there.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, fields, replace
 
-from cifar_bn import distributed, experiments
-from cifar_bn.data import CIFAR10Data, DataError, load_cifar10
-from cifar_bn.models import NORM_ALIASES, NORMS, canonical_norm
-from cifar_bn.training import (DEVICES, OPTIMIZERS, RunExistsError, TrainConfig, keep_aside, resolve_device,
-                               run)
-from cifar_bn.vectorized import check_configs
+# Only what checks a launch is imported here: nothing that imports torch, so that --help and a
+# refused launch answer at once. The training modules are imported once the launch is accepted.
+from cifar_bn.config import (COMPARE_NORMS, DEVICES, NORM_ALIASES, NORMS, OPTIMIZERS, PRESETS, TrainConfig,
+                             canonical_norm, with_norm,
+                             check_launch, check_vectorized, is_main_process)
+from cifar_bn.runs import (RUN_FILE, DamagedRunError, RunExistsError, check_readable, keep_aside, read_json,
+                           write_json)
 
-RUN_FILE = "run.json"  # what was launched, so --resume can launch it again
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # as argparse and shells: 2 bad usage, 128 + SIGINT
 # What --resume may be given besides the folder: more epochs, and where and how to find the data
 # and the device; every other flag would change the run.
 RESUME_MAY_SET = ("epochs", "data_dir", "no_verify", "device", "quiet")
 DATA_DEFAULTS = {"data_dir": "./data", "num_val": 1000, "num_test": 1000}
 NUM_SCALES = 20
+# What each mode trains whatever these flags say: given there, they are refused, not ignored.
+MODE_SETS = {
+    "compare": ({"batchnorm", "norm"}, "trains every normalization (torch_bn, nn and none)"),
+    "deep": ({"batchnorm", "norm"}, "trains batch norm (torch_bn) and no normalization"),
+    "weight-scale": ({"batchnorm", "norm", "weight_scale"},
+                     "trains batch norm (torch_bn) and no normalization at weight scales 1e-4 to 1"),
+    "batch-size": ({"batchnorm", "norm", "batch_size", "virtual_batch_size", "renorm_warmup"},
+                   "trains every normalization at batch sizes 5, 10 and 50 with its own options"),
+}
 
 
 class UsageError(ValueError):
@@ -84,6 +94,13 @@ def norm_list(text: str) -> tuple[str, ...]:
     return norms
 
 
+def default(name: str) -> str:
+    """A one-run setting's default, as --help shows it."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    value = f.default if f.default is not MISSING else f.default_factory()
+    return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
@@ -99,29 +116,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "statistics starts (default: one epoch)")
     what.add_argument("--compare", action="store_true", help="train torch_bn, nn and none into one dashboard")
     what.add_argument("--norms", type=norm_list, help="--compare: the normalizations to compare, e.g. "
-                      f"torch_bn,renorm,ghost,layernorm,none (default {','.join(experiments.COMPARE_NORMS)})")
-    what.add_argument("--experiment", choices=sorted(experiments.PRESETS), help="an experiment of the notebook with its settings")
-    what.add_argument("--num-scales", type=positive_int, help=f"weight scales in --experiment weight-scale (default {NUM_SCALES})")
+                      f"torch_bn,renorm,ghost,layernorm,none (default {','.join(COMPARE_NORMS)})")
+    what.add_argument("--experiment", choices=sorted(PRESETS), help="an experiment of the notebook with its settings")
+    what.add_argument("--num-scales", type=positive_int,
+                      help=f"weight scales in --experiment weight-scale (default {NUM_SCALES})")
     what.add_argument("--vectorized", action="store_true",
                       help="--experiment weight-scale: train all its runs at once as one vmapped program")
-    what.add_argument("--resume", metavar="RUN_DIR", help="continue the run (or experiment) in RUN_DIR; "
-                      "with a larger --epochs, extend it")
-    model = p.add_argument_group("model and training (default: TrainConfig's, or the experiment's)")
-    model.add_argument("--hidden-dims", type=layer_widths, help="e.g. 100,100,100")
+    what.add_argument("--resume", metavar="RUN_DIR", help="continue the run (or experiment) in RUN_DIR from its "
+                      "last epoch end; with a larger --epochs, extend it")
+    model = p.add_argument_group("model and training (defaults below; --experiment sets its own)")
+    model.add_argument("--hidden-dims", type=layer_widths, help=f"hidden layer widths (default {default('hidden_dims')})")
     model.add_argument("--weight-scale", type=float, help="init std of Linear weights (default: PyTorch's init)")
-    model.add_argument("--dropout", type=float, help="probability in [0, 1) after each ReLU")
-    model.add_argument("--reg", type=float, help="L2 penalty 0.5*reg*sum(W^2) on Linear weights")
-    model.add_argument("--optimizer", choices=OPTIMIZERS)
-    model.add_argument("--lr", type=float)
-    model.add_argument("--lr-decay", type=float, help="multiply the lr by this after every epoch")
-    model.add_argument("--batch-size", type=positive_int)
-    model.add_argument("--epochs", type=positive_int)
-    model.add_argument("--seed", type=int)
+    model.add_argument("--dropout", type=float, help=f"probability in [0, 1) after each ReLU (default {default('dropout')})")
+    model.add_argument("--reg", type=float, help=f"L2 penalty 0.5*reg*sum(W^2) on Linear weights (default {default('reg')})")
+    model.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {default('optimizer')}")
+    model.add_argument("--lr", type=float, help=f"learning rate (default {default('lr')})")
+    model.add_argument("--lr-decay", type=float, help=f"multiply the lr by this after every epoch (default {default('lr_decay')})")
+    model.add_argument("--batch-size", type=positive_int, help=f"default {default('batch_size')}")
+    model.add_argument("--epochs", type=positive_int, help=f"default {default('epochs')}")
+    model.add_argument("--seed", type=int, help=f"weights, batch order and the train-accuracy sample (default {default('seed')})")
     model.add_argument("--device", choices=DEVICES, help="default auto: CUDA when present")
     model.add_argument("--sync-bn", action="store_true", default=None,
                        help="under torchrun: batch norm over the global batch of all processes")
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default ./data)")
+    data.add_argument("--data-dir", help="folder holding cifar-10-batches-py, or receiving its download (default ./data)")
     data.add_argument("--no-verify", action="store_true", help="skip only torchvision's md5 check")
     data.add_argument("--num-train", type=positive_int, help="keep the first N training images (default 49000)")
     data.add_argument("--num-val", type=positive_int, help="validation images, the last of the training set (default 1000)")
@@ -131,6 +149,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--run-name", help="default: timestamp and config; an existing run is never overwritten")
     out.add_argument("--quiet", action="store_true", help="no progress bar, no report")
     return p.parse_args(argv)
+
+
+def check_mode_flags(args: argparse.Namespace, mode: str) -> None:
+    """UsageError for a flag the mode would ignore (it sets that itself)."""
+    mode_flag = "--compare" if mode == "compare" else f"--experiment {mode}"
+    if args.num_scales is not None and mode != "weight-scale":
+        raise UsageError(f"--num-scales sets the scales of --experiment weight-scale; add that, or drop --num-scales")
+    sets, what = MODE_SETS.get(mode, (set(), ""))
+    for key in sorted(sets):
+        value = getattr(args, key)
+        if value is not None and value is not False:
+            flag = "--" + key.replace("_", "-")
+            given = flag if value is True else f"{flag} {value}"
+            raise UsageError(f"{mode_flag} {what}, so {given} would be ignored; drop {flag}")
 
 
 def plan_from_args(args: argparse.Namespace) -> dict:
@@ -143,14 +175,10 @@ def plan_from_args(args: argparse.Namespace) -> dict:
     mode = args.experiment or ("compare" if args.compare else "single")
     if args.vectorized and mode != "weight-scale":
         raise UsageError("--vectorized trains the runs of --experiment weight-scale together; add that, or drop --vectorized")
+    check_mode_flags(args, mode)
     if args.norms is not None and mode != "compare":
         raise UsageError("--norms lists the normalizations of --compare; add --compare, or use --norm for one run")
-    if mode == "batch-size":
-        for flag in ("norm", "batchnorm", "batch_size", "virtual_batch_size", "renorm_warmup"):
-            if getattr(args, flag) not in (None, False):
-                raise UsageError(f"--experiment batch-size sets --{flag.replace('_', '-')} itself (it trains every "
-                                 f"normalization at batch sizes 5, 10 and 50); drop --{flag.replace('_', '-')}")
-    settings = dict(experiments.PRESETS.get(args.experiment, {}))
+    settings = dict(PRESETS.get(args.experiment, {}))
     num_train = settings.pop("num_train", None)
     if args.num_train is not None:
         num_train = args.num_train
@@ -161,19 +189,18 @@ def plan_from_args(args: argparse.Namespace) -> dict:
     settings["norm"] = "torch_bn" if args.batchnorm else (args.norm or "none")
     norms = None
     if mode == "compare":  # the base config has no norm; each compared norm gets its options (checked here)
-        norms = args.norms or experiments.COMPARE_NORMS
+        norms = args.norms or COMPARE_NORMS
         for flag, norm in (("virtual_batch_size", "ghost"), ("renorm_warmup", "renorm")):
             if getattr(args, flag) is not None and norm not in norms:
                 raise UsageError(f"--{flag.replace('_', '-')} is an option of {norm}, which --compare does not "
                                  f"train here; add {norm} to --norms or drop --{flag.replace('_', '-')}")
         for name in ("virtual_batch_size", "renorm_warmup"):
             settings.pop(name, None)
-        settings["norm"] = "none"
         for norm in norms:
-            experiments.with_norm(TrainConfig(**settings), norm, args.virtual_batch_size, args.renorm_warmup)
+            with_norm(TrainConfig(**settings), norm, args.virtual_batch_size, args.renorm_warmup)
     config = TrainConfig(**settings)
     if args.vectorized:  # before anything is written: a refused launch leaves nothing
-        check_configs([replace(config, norm=norm) for norm in ("torch_bn", "none")])
+        check_vectorized([replace(config, norm=norm) for norm in ("torch_bn", "none")])
     plan = {"mode": mode, "config": asdict(config), "num_scales": args.num_scales or NUM_SCALES,
             "vectorized": args.vectorized,
             "data": {"data_dir": args.data_dir or DATA_DEFAULTS["data_dir"], "verify": not args.no_verify,
@@ -208,7 +235,7 @@ def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
         elif key in d:
             same, has = d[key] == value, d[key] if d[key] is not None else "the default"
         elif key == "norms":
-            has = plan.get("compare", {}).get("norms", list(experiments.COMPARE_NORMS))
+            has = plan.get("compare", {}).get("norms", list(COMPARE_NORMS))
             same = plan["mode"] == "compare" and list(has) == list(value)
         elif key in ("virtual_batch_size", "renorm_warmup") and plan["mode"] == "compare":
             has = plan.get("compare", {}).get(key)
@@ -236,11 +263,13 @@ def default_run_name(plan: dict) -> str:
     return f"{what}_{c['optimizer']}_lr{c['lr']:g}_seed{c['seed']}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def load_data(plan: dict) -> CIFAR10Data:
-    """The plan's data, checked against its config: DataError if it cannot be loaded, UsageError
-    if it holds less than one batch."""
+def load_data(plan: dict):
+    """The plan's data (a CIFAR10Data), checked against its config: DataError if it cannot be
+    loaded, UsageError if it holds less than one batch."""
+    from cifar_bn import data as cifar_data
+
     d = plan["data"]
-    data = load_cifar10(d["data_dir"], d["num_train"], d["num_val"], d["num_test"], verify=d["verify"])
+    data = cifar_data.load_cifar10(d["data_dir"], d["num_train"], d["num_val"], d["num_test"], verify=d["verify"])
     batch_size = plan["config"]["batch_size"]
     if len(data.X_train) < batch_size:
         raise UsageError(f"--num-train {len(data.X_train)} is smaller than --batch-size {batch_size}: not one "
@@ -248,13 +277,10 @@ def load_data(plan: dict) -> CIFAR10Data:
     return data
 
 
-def write_json(path: str, obj: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+def launch(plan: dict, data, root: str, progress: bool, resume: bool) -> dict:
+    from cifar_bn import experiments
+    from cifar_bn.training import run
 
-
-def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: bool) -> dict:
     config = TrainConfig(**plan["config"])
     mode = plan["mode"]
     if mode == "single":
@@ -262,7 +288,7 @@ def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: boo
     if mode == "compare":
         options = plan.get("compare", {})
         return experiments.compare(config, data, root, progress=progress, resume=resume,
-                                   norms=tuple(options.get("norms", experiments.COMPARE_NORMS)),
+                                   norms=tuple(options.get("norms", COMPARE_NORMS)),
                                    virtual_batch_size=options.get("virtual_batch_size"),
                                    renorm_warmup=options.get("renorm_warmup"))
     if mode == "deep":
@@ -272,7 +298,7 @@ def launch(plan: dict, data: CIFAR10Data, root: str, progress: bool, resume: boo
         return {f"bs{b}/{method}": s for method, by_batch in results.items() for b, s in by_batch.items()}
     if mode != "weight-scale":
         raise ValueError(f"unknown mode {mode!r} in the launch plan; expected single, compare, "
-                         f"{' or '.join(sorted(experiments.PRESETS))}")
+                         f"{' or '.join(sorted(PRESETS))}")
     results = experiments.weight_scale(config, data, root, progress=progress, resume=resume,
                                        num_scales=plan["num_scales"], vectorized=plan.get("vectorized", False))
     return {f"{norm} @ scale {s['config']['weight_scale']:.2e}": s for norm, runs in results.items() for s in runs}
@@ -296,8 +322,7 @@ def plan_for(args: argparse.Namespace) -> tuple[dict, str | None]:
     run_file = os.path.join(root, RUN_FILE)
     if not os.path.isfile(run_file):
         raise RunExistsError(f"--resume {root}: no {RUN_FILE} there; pass a run folder written by train.py")
-    with open(run_file) as f:
-        plan = json.load(f)
+    plan = read_json(run_file)
     check_resume_flags(args, plan, root)
     if args.data_dir:  # the data may have moved
         plan["data"]["data_dir"] = args.data_dir
@@ -327,47 +352,67 @@ def record_launch(root: str, plan: dict, resumed: bool) -> None:
         os.makedirs(root)
         write_json(run_file, plan)
         return
-    with open(run_file) as f:
-        before = json.load(f)
+    before = read_json(run_file)
     if before["config"]["epochs"] != plan["config"]["epochs"]:
         keep_aside(run_file, f"{before['config']['epochs']}epochs")
         write_json(run_file, {**before, "config": {**before["config"], "epochs": plan["config"]["epochs"]}})
 
 
+def train(args: argparse.Namespace, plan: dict, root: str | None, started: Callable[[str], None]) -> tuple[dict, str]:
+    """Run the accepted launch: the device, the run folder (named and created by rank 0 alone under
+    torchrun), the data, then the runs; returns their summaries and the folder. Nothing is
+    written before the data has loaded and, on --resume, every file the resume reads has been
+    read back; started(root) is called just before the first write."""
+    from cifar_bn import distributed
+    from cifar_bn.lifecycle import resolve_device
+
+    config = plan["config"]
+    device = resolve_device(config["device"])
+    check_launch(plan["mode"], config["norm"], config.get("sync_bn", False), device)
+    ctx = distributed.start(device)
+    try:
+        if root is None:
+            root = ctx.on_rank0(new_run_folder, args, plan)
+        else:
+            ctx.on_rank0(check_readable, root)  # a damaged checkpoint: refused, the folder unchanged
+        data = ctx.on_every_rank(load_data, plan)  # before creating the folder: a data error leaves nothing
+        started(root)
+        ctx.on_rank0(record_launch, root, plan, bool(args.resume))
+        return launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume)), root
+    finally:
+        distributed.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     started = False  # whether this launch has written anything
     root = None
+
+    def mark_started(run_root: str) -> None:
+        nonlocal started, root
+        started, root = True, run_root
+
     try:
         args = parse_args(argv)
         plan, root = plan_for(args)
         config = plan["config"]
-        device = resolve_device(TrainConfig(**config).device)
-        # Under torchrun every rank runs this; rank 0 alone names, checks and creates the run folder.
-        distributed.check_launch(plan["mode"], config["norm"], config.get("sync_bn", False), device)
-        ctx = distributed.start(device)
-        try:
-            if root is None:
-                root = ctx.on_rank0(new_run_folder, args, plan)
-            data = ctx.on_every_rank(load_data, plan)  # before creating the folder: a data error leaves nothing
-            started = True
-            ctx.on_rank0(record_launch, root, plan, bool(args.resume))
-            summaries = launch(plan, data, root, progress=not args.quiet, resume=bool(args.resume))
-        finally:
-            distributed.stop()
-    except (DataError, RunExistsError, ValueError) as e:
-        if distributed.is_main_process():  # every rank fails alike; one message is enough
+        # Under torchrun every rank runs this; the device-dependent rule is checked again in train().
+        check_launch(plan["mode"], config["norm"], config.get("sync_bn", False), config["device"])
+        summaries, root = train(args, plan, root, mark_started)
+    except (DamagedRunError, RunExistsError, ValueError) as e:  # ValueError includes UsageError and DataError
+        if is_main_process():  # every rank fails alike; one message is enough
             print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        if not distributed.is_main_process():
+        if not is_main_process():
             return EXIT_INTERRUPTED
         if not started:
             print("train.py: interrupted before the run started; nothing was written", file=sys.stderr)
         else:
-            print(f"train.py: interrupted; {root} keeps each run's last epoch checkpoint; continue with: "
+            print(f"train.py: interrupted; {root} keeps the checkpoint of the last completed epoch, and --resume "
+                  f"restarts from that epoch's end (the interrupted epoch is trained again, from its start): "
                   f"python train.py --resume {shlex.quote(root)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not args.quiet and distributed.is_main_process():
+    if not args.quiet and is_main_process():
         report(summaries, root)
     return 0
 

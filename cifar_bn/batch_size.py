@@ -21,12 +21,10 @@ import statistics
 from dataclasses import replace
 from typing import NamedTuple
 
+from .config import PRESETS, RENORM_DMAX, RENORM_RMAX, TrainConfig
 from .figures import LABELS, batch_size_curve_draws, batch_size_summary_draws, colour_note
-from .models import RENORM_DMAX, RENORM_RMAX
-from .training import TrainConfig
 
-PRESET = dict(hidden_dims=(100,) * 5, weight_scale=2e-2, epochs=10, batch_size=50, optimizer="adam",
-              lr=10 ** -3.5, num_train=1000)
+PRESET = PRESETS["batch-size"]
 BATCH_SIZES = (5, 10, 50)
 NORMS = ("none", "torch_bn", "renorm", "layernorm")  # at every batch size
 GHOST_BATCH, VIRTUAL_BATCH_SIZES = 50, (5, 10)  # ghost batch norm: batches of 50, statistics over 5 or 10

@@ -30,7 +30,8 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from .models import NORMS, hidden_layers, weighted_layers
+from .config import NORMS
+from .models import hidden_layers, weighted_layers
 
 # Every hparam a run declares, with its domain: discrete for the categorical ones (every value
 # the application accepts, so HParams' checkbox filters start with all of them), numeric intervals
@@ -38,7 +39,7 @@ from .models import NORMS, hidden_layers, weighted_layers
 # trains on CIFAR-10: HParams' interval filters start empty, so a run beyond one is still listed).
 # Every run declares the same set with the same domains: HParams takes the declaration of any one run.
 NORM_DOMAIN = NORMS
-OPTIMIZER_DOMAIN = ("adam", "sgd", "sgd_momentum", "rmsprop")  # training.OPTIMIZERS (a test keeps them equal)
+OPTIMIZER_DOMAIN = ("adam", "sgd", "sgd_momentum", "rmsprop")  # config.OPTIMIZERS (a test keeps them equal)
 HPARAM_DOMAINS: dict[str, hp.Domain | None] = {
     "norm": hp.Discrete(list(NORM_DOMAIN)),
     "weight_scale": hp.RealInterval(0.0, 10.0),  # absent for PyTorch's default init
@@ -229,6 +230,13 @@ def _wait_past_existing_events(run_dir: str) -> None:
               if f.startswith("events.out.tfevents.") and f.split(".")[3].isdigit()]
     while stamps and time.time() < max(stamps) + 1:
         time.sleep(0.05)
+
+
+class NoLogger:
+    """The dashboard of torchrun ranks other than 0: every logging call does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 class RunLogger:

@@ -17,8 +17,8 @@ FOLDER = torchvision.datasets.CIFAR10.base_folder  # "cifar-10-batches-py"
 NUM_CLASSES = 10
 
 
-class DataError(Exception):
-    """The data set cannot be loaded; the message says why and what to do."""
+class DataError(ValueError):
+    """The data set cannot be loaded from the folder given; the message says why and what to do."""
 
 
 def _files_exist(root: str) -> bool:
@@ -59,12 +59,20 @@ class CIFAR10Data:
                            self.X_test, self.y_test, self.mean_image)
 
 
+HOW_TO_GET = (f"to get it, run once with network access (torchvision downloads it into --data-dir), or "
+              f"download {torchvision.datasets.CIFAR10.url} and extract it so that --data-dir holds {FOLDER}/")
+
+
 def _open(root: str, train: bool, verify: bool) -> torchvision.datasets.CIFAR10:
     folder = os.path.join(root, FOLDER)
     if not verify:
+        if not os.path.isdir(folder):
+            raise DataError(f"CIFAR-10 not found: {os.path.abspath(folder)} does not exist (--data-dir {root!r} "
+                            f"must hold {FOLDER}/); {HOW_TO_GET}")
         if not _files_exist(root):
             raise DataError(f"CIFAR-10 is incomplete in {folder}: --no-verify skips only the md5 comparison, "
-                            f"the files data_batch_1..5, test_batch and batches.meta must still exist")
+                            f"the files data_batch_1..5, test_batch and batches.meta must still exist; "
+                            f"replace the folder with a complete copy ({HOW_TO_GET})")
         try:
             return _CIFAR10ExistenceOnly(root, train=train)
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
@@ -75,18 +83,18 @@ def _open(root: str, train: bool, verify: bool) -> torchvision.datasets.CIFAR10:
             return torchvision.datasets.CIFAR10(root, train=train, download=False)
         except RuntimeError as e:
             raise DataError(f"CIFAR-10 in {folder} failed torchvision's md5 integrity check ({e}). If the files "
-                            f"are a re-encoded copy (as in ../shared/data), pass --no-verify to skip only the "
-                            f"md5 comparison; otherwise move the folder aside so a fresh copy is downloaded") from None
+                            f"are a re-encoded copy of the data set, pass --no-verify to skip only the md5 "
+                            f"comparison; otherwise move the folder aside so a fresh copy is downloaded") from None
     root_existed = os.path.isdir(root)
     try:
         return torchvision.datasets.CIFAR10(root, train=train, download=True)
     except Exception as e:  # no network, DNS failure, refused connection: all end the same way
         if not root_existed and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)  # torchvision made it for the download; leave nothing behind
-        raise DataError(f"CIFAR-10 not found: expected the folder {FOLDER}/ under --data-dir {root!r} "
-                        f"({os.path.abspath(folder)}), and downloading it failed ({type(e).__name__}: {e}). "
-                        f"Point --data-dir at the folder that holds {FOLDER}/ "
-                        f"(offline machines here: --data-dir ../shared/data --no-verify)") from None
+        raise DataError(f"CIFAR-10 not found: {os.path.abspath(folder)} does not exist (--data-dir {root!r} must "
+                        f"hold {FOLDER}/), and downloading it failed ({type(e).__name__}: {e}); download "
+                        f"{torchvision.datasets.CIFAR10.url} elsewhere and extract it so that --data-dir holds "
+                        f"{FOLDER}/") from None
 
 
 def _to_tensors(ds: torchvision.datasets.CIFAR10) -> tuple[Tensor, Tensor]:
@@ -104,7 +112,7 @@ def load_cifar10(data_dir: str = "./data", num_train: int | None = None, num_val
     the rest (49,000 of 50,000) the training split; num_train: keep only its first num_train
     images (None: all); num_test: the first test images; verify=False skips only the md5
     comparison. Output: CIFAR10Data minus the mean image of the whole training split (as the
-    seed, which subtracts the 49,000-image mean before taking small subsets).
+    notebook, which subtracts the 49,000-image mean before taking small subsets).
     Raises DataError (with what to do) when the files are missing, corrupt or too few.
     """
     x_all, y_all = _to_tensors(_open(data_dir, train=True, verify=verify))

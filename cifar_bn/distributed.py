@@ -27,29 +27,14 @@ from torch import Tensor, nn
 
 import torch_bn
 
+from .config import under_torchrun
 from .data import DataError
+from .runs import DamagedRunError, RunExistsError
 
 # A rank waiting at a collective for a peer that died gives up after this long (instead of
 # torch's default of 10 to 30 minutes); torchrun then stops the others.
 TIMEOUT = datetime.timedelta(minutes=5)
 T = TypeVar("T")
-
-
-def under_torchrun() -> bool:
-    """Whether this process was started by torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE)."""
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun launch, or a process started without torchrun (valid before start())."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class NoLogger:
-    """The dashboard of ranks other than 0: every logging call does nothing."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
 
 
 @dataclass
@@ -148,16 +133,13 @@ class Context:
         return payload
 
 
-_ERRORS = {"DataError": DataError, "ValueError": ValueError}
+_ERRORS = {"DataError": DataError, "DamagedRunError": DamagedRunError, "RunExistsError": RunExistsError,
+           "ValueError": ValueError}
 
 
 def _rebuild(error: tuple[str, str], rank: int) -> Exception:
     """Another rank's error, raised here too: train.py's own error types by name, else RuntimeError."""
     name, message = error
-    if name == "RunExistsError":
-        from .training import RunExistsError  # training imports this module: import here, not at the top
-
-        return RunExistsError(message)
     return _ERRORS.get(name, RuntimeError)(message if name in _ERRORS else f"rank {rank}: {name}: {message}")
 
 
@@ -167,27 +149,6 @@ _context = Context()
 def current() -> Context:
     """The context :func:`start` set up (a single process when it was not called)."""
     return _context
-
-
-def check_launch(mode: str, norm: str, sync_bn: bool, device: str) -> None:
-    """Refuse, before anything is written, what cannot run: ValueError saying what to do instead.
-
-    mode: train.py's ("single" for one model); device: "cpu" or "cuda" (resolved).
-    """
-    if sync_bn and not under_torchrun():
-        raise ValueError("--sync-bn synchronizes batch norm across the processes of torchrun; launch with "
-                         "torchrun --nproc_per_node=K train.py ... (or leave out --sync-bn)")
-    if sync_bn and norm == "none":
-        raise ValueError("--sync-bn synchronizes batch norm, but the model has none; add --batchnorm")
-    if sync_bn and norm in ("renorm", "ghost", "layernorm"):
-        raise ValueError(f"--sync-bn synchronizes plain batch norm; --norm {norm} has no synchronized form here "
-                         f"(layer norm needs none; ghost batch norm's chunks are per process): drop --sync-bn")
-    if sync_bn and norm == "nn" and device != "cuda":
-        raise ValueError("--sync-bn with --norm nn uses nn.SyncBatchNorm, which runs only on GPUs; on CPU "
-                         "use --batchnorm (torch_bn.SyncBatchNorm)")
-    if under_torchrun() and mode != "single":
-        flag = "--compare" if mode == "compare" else f"--experiment {mode}"
-        raise ValueError(f"under torchrun train.py trains one model; run {flag} without torchrun")
 
 
 def start(device: str) -> Context:

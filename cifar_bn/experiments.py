@@ -17,22 +17,15 @@ from dataclasses import replace
 import numpy as np
 
 from . import batch_size as batch_sizes
+from .config import COMPARE_NORMS, TrainConfig, with_norm
 from .dashboard import RunLogger
 from .data import CIFAR10Data
 from .figures import (COMPARE_ORDER, activation_std_draws, close, colour_note, curve_draws, panels, row,
                       weight_scale_draws)
-from .training import LOG_EVERY, TrainConfig, run
+from .lifecycle import LOG_EVERY
+from .training import run
 from .vectorized import run_many
 
-# The notebook's sections 2 and 3: 1,000 training images, 10 epochs, batch 50, Adam 1e-3.
-PRESETS = {
-    "deep": dict(hidden_dims=(100,) * 5, weight_scale=2e-2, epochs=10, batch_size=50, optimizer="adam", lr=1e-3,
-                 num_train=1000),
-    "weight-scale": dict(hidden_dims=(50,) * 7, epochs=10, batch_size=50, optimizer="adam", lr=1e-3,
-                         num_train=1000),
-    "batch-size": batch_sizes.PRESET,  # section 2's network at batch sizes 5, 10 and 50 (cifar_bn.batch_size)
-}
-COMPARE_NORMS = COMPARE_ORDER[:3]  # --compare's default: torch_bn, none, nn (the figures' colours are the charts')
 CARDS = {
     "compare": "**Compare**: the same MLP with torch_bn.BatchNorm1d, nn.BatchNorm1d and no normalization (or the "
                "normalizations of --norms), from identical initial Linear weights and batch order (one run each). torch_bn and nn.BatchNorm1d "
@@ -51,14 +44,6 @@ CARDS = {
                     "with BN, vanishing or exploding without. The figures are in this run (Images).",
     "batch-size": batch_sizes.CARD,
 }
-
-
-def with_norm(config: TrainConfig, norm: str, virtual_batch_size: int | None = None,
-              renorm_warmup: int | None = None) -> TrainConfig:
-    """config with ``norm`` and that norm's options only: the virtual batch size for "ghost", the
-    warm-up for "renorm" (the other norm's option dropped)."""
-    return replace(config, norm=norm, virtual_batch_size=virtual_batch_size if norm == "ghost" else None,
-                   renorm_warmup=renorm_warmup if norm == "renorm" else None)
 
 
 def compare(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True, resume: bool = False,

@@ -10,23 +10,7 @@ from torch import Tensor, nn
 import torch_bn
 from torch_bn import BatchNorm1d, BatchNorm2d
 
-# After each hidden Linear: torch_bn.BatchNorm1d, nn.BatchNorm1d, nothing, torch_bn's batch
-# renormalization, torch_bn's ghost batch norm (statistics over chunks of virtual_batch_size
-# samples), or nn.LayerNorm (statistics over each sample's features: no batch dependence).
-NORMS = ("torch_bn", "nn", "none", "renorm", "ghost", "layernorm")
-NORM_ALIASES = {"torch": "nn"}  # "torch" reads like the whole library; accepted, stored as "nn"
-# Batch renormalization's clipping: the paper's final values (Ioffe 2017, rmax 3 and dmax 5, reached
-# there by a ramp from 1 and 0), which are torch_bn's defaults. The layer takes fixed limits after a
-# warm-up of plain batch norm (TrainConfig.renorm_warmup, in steps).
-RENORM_RMAX, RENORM_DMAX = 3.0, 5.0
-
-
-def canonical_norm(norm: str) -> str:
-    """The normalization's name in NORMS ("torch" is accepted for "nn"); ValueError for any other."""
-    norm = NORM_ALIASES.get(norm, norm)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)} (or torch, an alias of nn), got {norm!r}")
-    return norm
+from .config import RENORM_DMAX, RENORM_RMAX, canonical_norm, check_norm_options
 
 
 def norm_layer(norm: str, features: int, *, virtual_batch_size: int | None = None,
@@ -109,24 +93,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(torch.flatten(x, 1))
-
-
-def check_norm_options(norm: str, virtual_batch_size: int | None, renorm_warmup: int) -> None:
-    """ValueError unless the options fit the norm: a virtual batch size of at least 2 for "ghost" and
-    only there; a non-negative renorm_warmup, other than 0 only for "renorm"."""
-    if norm == "ghost":
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
-            given = "none was given" if virtual_batch_size is None else f"got {virtual_batch_size}"
-            raise ValueError(f"ghost batch norm normalizes chunks of virtual_batch_size samples, at least 2 "
-                             f"(one sample has no variance): pass --virtual-batch-size V; {given}")
-    elif virtual_batch_size is not None:
-        raise ValueError(f"a virtual batch size is ghost batch norm's (--norm ghost), but norm is {norm!r}; "
-                         f"drop --virtual-batch-size or use --norm ghost")
-    if isinstance(renorm_warmup, bool) or not isinstance(renorm_warmup, int) or renorm_warmup < 0:
-        raise ValueError(f"renorm_warmup is a number of steps, zero or more, got {renorm_warmup}")
-    if renorm_warmup and norm != "renorm":
-        raise ValueError(f"a renormalization warm-up is batch renormalization's (--norm renorm), but norm is "
-                         f"{norm!r}; drop --renorm-warmup or use --norm renorm")
 
 
 def l2_penalty(model: nn.Module, reg: float) -> Tensor:

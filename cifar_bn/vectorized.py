@@ -18,47 +18,24 @@ TensorBoard tags, hparams, text cards and ``summary.json`` as a sequential run.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, fields
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 import torch_bn
-from .dashboard import BN_TENSORS, RunLogger, bn_histogram, histogram_protos
+from .config import VECTORIZED_NORMS, TrainConfig, check_vectorized
+from .dashboard import BN_TENSORS, bn_histogram, histogram_protos
 from .data import CIFAR10Data
+from .lifecycle import LOG_EVERY, Lifecycle, build_optimizer, read_back
 from .models import hidden_layers
-from .training import (FINAL_LOSS_WINDOW, LOG_EVERY, SUMMARY, TRAIN_ACC_SAMPLES, History, RunExistsError,
-                       TrainConfig, build_model, build_optimizer, checks_per_epoch, device_name, holds_run,
-                       resolve_device, run_card, versions)
+from .runs import VECTORIZED_CHECKPOINT, load_checkpoint
+from .training import build_model
 
-CHECKPOINT = "vectorized_checkpoint.pt"  # in the experiment's root folder: every model's state
-NORMS = ("torch_bn", "none")  # layers that run without side effects under vmap
-SHARED_FIELDS = [f.name for f in fields(TrainConfig) if f.name not in ("norm", "weight_scale")]
 PROBED = ("pre_norm", "post_norm")  # the outputs the dashboard's per-layer statistics describe
-
-
-def check_configs(configs: list[TrainConfig]) -> None:
-    """Raise ValueError unless the configs can be trained together: same everything but norm and weight scale."""
-    if not configs:
-        raise ValueError("the vectorized trainer needs at least one config")
-    for c in configs:
-        for name in SHARED_FIELDS:
-            if getattr(c, name) != getattr(configs[0], name):
-                raise ValueError(f"vectorized runs must share {name} (got {getattr(configs[0], name)!r} and "
-                                 f"{getattr(c, name)!r}); only norm and weight_scale may differ, so train the "
-                                 f"others separately")
-        if c.norm not in NORMS:
-            raise ValueError(f"the vectorized trainer runs norm {' or '.join(NORMS)} (layers that return their "
-                             f"statistics under vmap), got {c.norm!r}; train that run sequentially")
-    if configs[0].dropout:
-        raise ValueError("the vectorized trainer does not train with dropout (its random masks would differ from "
-                         "the sequential runs'); use --dropout 0 or train sequentially")
 
 
 def build_stacked_optimizer(config: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
@@ -144,7 +121,7 @@ class _Group:
         return tensors
 
 
-class VectorizedTrainer:
+class VectorizedTrainer(Lifecycle):
     """Trains one run per config (same everything but ``norm`` and ``weight_scale``) at once on ``data``.
 
     Each run's model is built exactly as :func:`cifar_bn.training.run` builds it, and logs into its own
@@ -169,30 +146,20 @@ class VectorizedTrainer:
         >>> summaries = VectorizedTrainer(configs, data, [f"runs/x/{i}" for i in range(4)], "runs/x").fit()
     """
 
+    SHARED_WALL_TIME = True
+
     def __init__(self, configs: list[TrainConfig], data: CIFAR10Data, run_dirs: list[str], state_dir: str, *,
                  progress: bool = True, resume: bool = False, log_every: int = LOG_EVERY) -> None:
-        check_configs(configs)
+        check_vectorized(configs)
         if len(run_dirs) != len(configs):
             raise ValueError(f"one run folder per config: got {len(run_dirs)} folders for {len(configs)} configs")
-        n, bs = len(data.X_train), configs[0].batch_size
-        if n < bs:
-            raise ValueError(f"{n} training images are fewer than one batch of {bs}; "
-                             f"use more training images (--num-train) or a smaller --batch-size")
-        if len(data.X_val) < 1:
-            raise ValueError("the validation set is empty; keep at least one validation image (--num-val)")
-        if not resume:
-            taken = [d for d in run_dirs if holds_run(d)]
-            if taken or os.path.exists(os.path.join(state_dir, CHECKPOINT)):
-                raise RunExistsError(f"{(taken or [state_dir])[0]} already holds a run and runs are never "
-                                     f"overwritten; choose another --run-name, or continue with --resume")
         # Models of one norm next to each other, so that each group is a slice of the first layer.
-        self.order = sorted(range(len(configs)), key=lambda i: NORMS.index(configs[i].norm))
-        self.configs = [configs[i] for i in self.order]
-        self.run_dirs = [run_dirs[i] for i in self.order]
-        self.config, self.state_dir, self.progress, self.log_every = self.configs[0], state_dir, progress, log_every
-        self.device = resolve_device(self.config.device)
-        self.data = {k: getattr(data, k).to(self.device).flatten(1) if k.startswith("X") else
-                     getattr(data, k).to(self.device) for k in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")}
+        self.order = sorted(range(len(configs)), key=lambda i: VECTORIZED_NORMS.index(configs[i].norm))
+        super().__init__([configs[i] for i in self.order], data, [run_dirs[i] for i in self.order],
+                         os.path.join(state_dir, VECTORIZED_CHECKPOINT), progress=progress, resume=resume,
+                         log_every=log_every)
+        self.state_dir = state_dir
+        self.data = {k: v.flatten(1) if k.startswith("X") else v for k, v in self.data.items()}
         dim = self.data["X_train"].shape[1]
 
         models = [build_model(c, dim).to(self.device) for c in self.configs]
@@ -200,43 +167,27 @@ class VectorizedTrainer:
         self.first = {"weight": torch.stack([m.net[0].weight.detach() for m in models]).requires_grad_(),
                       "bias": torch.stack([m.net[0].bias.detach() for m in models]).requires_grad_()}
         self.groups = []
-        for norm in NORMS:
+        for norm in VECTORIZED_NORMS:
             idx = [i for i, c in enumerate(self.configs) if c.norm == norm]
             if idx:
                 self.groups.append(_Group([models[i] for i in idx], slice(idx[0], idx[-1] + 1)))
         params = list(self.first.values()) + [p for g in self.groups for p in g.params.values()]
         self.optimizer = build_stacked_optimizer(self.config, params)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.config.lr_decay)
-        self.batch_order = torch.Generator().manual_seed(self.config.seed)
-        sample = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 1))[:TRAIN_ACC_SAMPLES]
-        self.train_sample = sample.to(self.device)
-        self.iters_per_epoch = n // bs
-        # Accuracy checks at the iterations the sequential runs check.
-        checks = checks_per_epoch(self.iters_per_epoch * bs, len(sample) + len(data.X_val))
-        self.check_every = max(self.iters_per_epoch // checks, 1)  # more checks than iterations: every one
-        self.histories = [History() for _ in self.configs]
-        self.epoch = 0
-        self.best_val_acc = [-1.0] * len(self.configs)
         self.best = self._state()  # the best-val weights of every model, replaced at epoch 0
-        self.wall_time = 0.0
-        self.logging_time = 0.0  # seconds spent on the per-layer statistics and histograms, all models
         # The per-layer outputs of the last iteration whose statistics were logged, per group
         # (stacked), for the epoch's histograms; as LayerProbe.outputs, empty until one is.
         self.probed: list[dict[tuple[int, str], Tensor]] = [{} for _ in self.groups]
-        checkpoint = self._load_checkpoint() if resume else None
-        if checkpoint is not None:
-            self._load(checkpoint)
-        purge = (self.step + 1 if checkpoint is not None else 0) if resume else None
-        for d in self.run_dirs:
-            os.makedirs(d, exist_ok=True)
-        self.loggers = [RunLogger(d, purge_step=purge) for d in self.run_dirs]
-        if checkpoint is None:
-            for config, logger in zip(self.configs, self.loggers):
-                logger.start(asdict(config), n, self.device, run_card(config, n, self.device))
+        self._losses: list[Tensor] = []  # this epoch's losses, (M,) per iteration, read back at its end
+        self._stats_logged: list[tuple[int, list[Tensor], list[list[str]]]] = []
+        self._open(load_checkpoint(self.checkpoint_path) if resume else None, resume)
 
-    @property
-    def step(self) -> int:
-        return self.epoch * self.iters_per_epoch
+    def fit(self, on_epoch_end=None) -> list[dict]:
+        """Train every model to config.epochs; return (and write) one summary per run, in the order of the
+        configs given. on_epoch_end(trainer) runs after each epoch's checkpoint (tests use it to simulate an
+        interruption)."""
+        summaries = self._fit(on_epoch_end, f"{len(self.configs)} models")
+        return [summaries[self.order.index(i)] for i in range(len(self.configs))]
 
     # ---- the models --------------------------------------------------------------------------
 
@@ -245,9 +196,11 @@ class VectorizedTrainer:
         w, b = first["weight"], first["bias"]
         return torch.addmm(b.flatten(), x, w.flatten(0, 1).t()).view(len(x), *b.shape)
 
-    def _train_step(self, x: Tensor, y: Tensor, probe: bool) -> tuple[Tensor, Tensor | None]:
-        """One optimizer step of every model on the minibatch (x, y); returns the losses (M,) and, with
-        probe, the dashboard's per-layer statistics of every model (M, T) (see :meth:`_stats`)."""
+    def _train_step(self, idx: Tensor, step: int, probe: bool) -> None:
+        """One optimizer step of every model on the minibatch idx; keeps the losses (M,) and, with
+        probe, the dashboard's per-layer statistics of every model (M, T) (see :meth:`_stats`), to be
+        read back once at the epoch end."""
+        x, y = self.data["X_train"][idx], self.data["y_train"][idx]
         h = self._first_layer(x, self.first)
         kinds = PROBED if probe else ()
         losses, outputs = [], []
@@ -263,14 +216,13 @@ class VectorizedTrainer:
             loss = loss + 0.5 * self.config.reg * self._weight_squares()
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # the models share no parameters: d sum / d theta_k = d loss_k / d theta_k
-        stats = None
         if probe:  # the gradients of this step, before the optimizer uses them (as the sequential runs)
             start = time.perf_counter()
             self.probed = outputs
-            stats = self._stats()
+            self._stats_logged.append((step, self._stats(), [self._stat_tags(g) for g in range(len(self.groups))]))
             self.logging_time += time.perf_counter() - start
         self.optimizer.step()
-        return loss.detach(), stats
+        self._losses.append(loss.detach())
 
     @torch.no_grad()
     def _stats(self) -> list[Tensor]:
@@ -302,7 +254,7 @@ class VectorizedTrainer:
         return out + torch.cat(rest)
 
     @torch.no_grad()
-    def _accuracies(self, x: Tensor, labels: list[Tensor], state: dict) -> list[list[float]]:
+    def _accuracies_of(self, x: Tensor, labels: list[Tensor], state: dict) -> list[list[float]]:
         """Accuracy of every model, in eval mode with the weights in ``state``, on consecutive parts of x:
         one list (M,) per label tensor. One pass over x for all the models and parts."""
         h = self._first_layer(x, state["first"])
@@ -340,33 +292,19 @@ class VectorizedTrainer:
 
     # ---- accuracy checks, epochs, logging ----------------------------------------------------
 
-    def _check(self, step: int) -> tuple[list[float], list[float]]:
-        """Every model's accuracy on the fixed train sample and the validation set, logged at ``step``."""
+    # ---- the lifecycle's steps, for all models at once ------------------------------------------
+
+    def _accuracies(self) -> tuple[list[float], list[float]]:
         d = self.data
-        train_acc, val_acc = self._accuracies(torch.cat([d["X_train"][self.train_sample], d["X_val"]]),
-                                              [d["y_train"][self.train_sample], d["y_val"]], self._live())
-        for k, (h, logger) in enumerate(zip(self.histories, self.loggers)):
-            h.check_step.append(step)
-            h.check_train_acc.append(train_acc[k])
-            h.check_val_acc.append(val_acc[k])
-            logger.accuracy(step, train_acc[k], val_acc[k])
+        train_acc, val_acc = self._accuracies_of(torch.cat([d["X_train"][self.train_sample], d["X_val"]]),
+                                                 [d["y_train"][self.train_sample], d["y_val"]], self._live())
         return train_acc, val_acc
 
-    def _evaluate(self) -> None:
-        """End of an epoch for every model: accuracies, best weights, and the epoch's scalars and
-        histograms in each run's dashboard."""
-        train_acc, val_acc = self._check(self.step)
-        lr = self.optimizer.param_groups[0]["lr"]
-        improved = []
-        for k, h in enumerate(self.histories):
-            h.train_acc.append(train_acc[k])
-            h.val_acc.append(val_acc[k])
-            h.lr.append(lr)
-            if val_acc[k] > self.best_val_acc[k]:
-                self.best_val_acc[k] = val_acc[k]
-                improved.append(k)
-        self._keep_best(improved)
-        start = time.perf_counter()
+    def _test_accuracies(self) -> list[float]:
+        (test_acc,) = self._accuracies_of(self.data["X_test"], [self.data["y_test"]], self.best)
+        return test_acc
+
+    def _log_epoch(self, lr: float) -> None:
         for g, probed in zip(self.groups, self.probed):
             # The histograms RunLogger.epoch writes, built for all the group's models at once: the
             # outputs of the last iteration whose statistics were logged, and the batch-norm tensors.
@@ -374,15 +312,10 @@ class VectorizedTrainer:
             stacked.update(g.norm_tensors())
             tags, protos = list(stacked), [histogram_protos(t) for t in stacked.values()]
             for local, k in enumerate(range(g.index.start, g.index.stop)):
-                losses = self.histories[k].loss[-self.iters_per_epoch:] if self.epoch > 0 else []
-                self.loggers[k].epoch_scalars(self.step, lr, sum(losses) / len(losses) if losses else None,
-                                              self.best_val_acc[k])
+                self.loggers[k].epoch_scalars(self.step, lr, self.epoch_loss(k), self.best_val_acc[k])
                 self.loggers[k].histograms({tag: p[local] for tag, p in zip(tags, protos)}, self.step)
-        self.logging_time += time.perf_counter() - start
 
     def _keep_best(self, improved: list[int]) -> None:
-        if not improved:
-            return
         live, best = self._live(), self.best
         with torch.no_grad():
             for k, v in live["first"].items():
@@ -393,160 +326,56 @@ class VectorizedTrainer:
                     for name, v in {**params, **buffers}.items():
                         (bp if name in bp else bb)[name][local] = v[local]
 
-    def _log_stats(self, stats: list[tuple[int, list[Tensor], list[list[str]]]]) -> None:
-        """Write the per-layer statistics gathered over an epoch, (step, per-group values, per-group tags)
-        per logged iteration, into each run's dashboard."""
+    def _epoch_ends(self) -> None:
+        """The epoch's losses and per-layer statistics into the histories and dashboards: one
+        read-back each for all the models."""
+        first = self.step + 1
+        for k, values in enumerate(torch.stack(self._losses).t().tolist()):
+            self.histories[k].loss.extend(values)
+            for i, value in enumerate(values):
+                self.loggers[k].iteration(first + i, value)
         start = time.perf_counter()
-        values = [[t.tolist() for t in per_group] for _, per_group, _ in stats]
-        for (step, _, tags), per_group in zip(stats, values):
+        values = [[t.tolist() for t in per_group] for _, per_group, _ in self._stats_logged]
+        for (step, _, tags), per_group in zip(self._stats_logged, values):
             for g, rows, group_tags in zip(self.groups, per_group, tags):
                 for local, row in enumerate(rows):
                     self.loggers[g.index.start + local].scalars(dict(zip(group_tags, row)), step)
         self.logging_time += time.perf_counter() - start
+        self._losses, self._stats_logged = [], []
 
-    def _train_epoch(self, bar) -> None:
-        x, y = self.data["X_train"], self.data["y_train"]
-        order = torch.randperm(len(x), generator=self.batch_order).to(self.device)
-        bs = self.config.batch_size
-        losses, stats = [], []
-        for i in range(self.iters_per_epoch):
-            step = self.step + i + 1
-            probe = self.log_every > 0 and step % self.log_every == 0
-            idx = order[i * bs:(i + 1) * bs]
-            loss, stat = self._train_step(x[idx], y[idx], probe)
-            losses.append(loss)
-            if stat is not None:
-                stats.append((step, stat, [self._stat_tags(g) for g in range(len(self.groups))]))
-            if (i + 1) % self.check_every == 0 and i + 1 < self.iters_per_epoch - self.check_every // 2:
-                self._check(step)  # between epoch ends, at the iterations the sequential runs check
-            if bar is not None:
-                bar.update(1)
-        # The epoch's losses and statistics: one read-back each for all the models.
-        for k, values in enumerate(torch.stack(losses).t().tolist()):
-            self.histories[k].loss.extend(values)
-            for i, value in enumerate(values):
-                self.loggers[k].iteration(self.step + i + 1, value)
-        self._log_stats(stats)
-        self.scheduler.step()
+    def _postfix(self) -> dict[str, str]:
+        return {"best_val_acc": f"{max(self.best_val_acc):.3f}"}
 
-    # ---- checkpoint --------------------------------------------------------------------------
+    def _models_state(self) -> dict:
+        return {"order": self.order, "state": self._state(), "best": self.best}
 
-    def _load_checkpoint(self) -> dict | None:
-        path = os.path.join(self.state_dir, CHECKPOINT)
-        return torch.load(path, map_location=self.device, weights_only=True) if os.path.isfile(path) else None
-
-    def _save(self) -> None:
-        ckpt = {"configs": [asdict(c) for c in self.configs], "order": self.order, "epoch": self.epoch,
-                "state": self._state(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "batch_order": self.batch_order.get_state(), "histories": [asdict(h) for h in self.histories],
-                "best_val_acc": self.best_val_acc, "best": self.best, "wall_time": self.wall_time,
-                "logging_time": self.logging_time}
-        path = os.path.join(self.state_dir, CHECKPOINT)
-        try:
-            torch.save(ckpt, path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic: a crash leaves the old checkpoint or the new one
-        finally:
-            if os.path.exists(path + ".tmp"):  # interrupted while writing: the old checkpoint stands
-                os.remove(path + ".tmp")
-
-    def _load(self, ckpt: dict) -> None:
-        if ckpt["configs"] != [asdict(c) for c in self.configs]:
-            raise ValueError(f"{os.path.join(self.state_dir, CHECKPOINT)} was written for other runs; resume "
-                             f"with the launch that wrote it")
+    def _load_models(self, state: dict) -> None:
         with torch.no_grad():
-            for k, v in ckpt["state"]["first"].items():
+            for k, v in state["state"]["first"].items():
                 self.first[k].copy_(v)
-            for g, (params, buffers) in zip(self.groups, ckpt["state"]["groups"]):
+            for g, (params, buffers) in zip(self.groups, state["state"]["groups"]):
                 for k, v in params.items():
                     g.params[k].copy_(v)
                 g.buffers = {k: v.to(self.device) for k, v in buffers.items()}
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.batch_order.set_state(ckpt["batch_order"])
-        self.histories = [History(**h) for h in ckpt["histories"]]
-        self.epoch, self.best_val_acc, self.wall_time = ckpt["epoch"], ckpt["best_val_acc"], ckpt["wall_time"]
-        self.logging_time = ckpt.get("logging_time", 0.0)
-        self.best = ckpt["best"]
+        self.best = {"first": {k: v.to(self.device) for k, v in state["best"]["first"].items()},
+                     "groups": [({k: v.to(self.device) for k, v in p.items()}, {k: v.to(self.device) for k, v in b.items()})
+                                for p, b in state["best"]["groups"]]}
 
-    # ---- the run -----------------------------------------------------------------------------
-
-    def fit(self, on_epoch_end=None) -> list[dict]:
-        """Train every model to config.epochs; return (and write) one summary per run, in the order of the
-        configs given. on_epoch_end(trainer) runs after each epoch's checkpoint (tests use it to simulate an
-        interruption)."""
-        start = time.perf_counter()
-        if self.epoch == 0 and not self.histories[0].val_acc:
-            for h, stds in zip(self.histories, self._activation_stds()):
-                h.activation_std_init = stds
-            self._evaluate()  # epoch 0: accuracies before training
-        total = self.config.epochs * self.iters_per_epoch
-        bar = tqdm(total=total, initial=self.step, desc=f"{len(self.configs)} models", disable=not self.progress,
-                   leave=False, dynamic_ncols=True)
-        try:
-            while self.epoch < self.config.epochs:
-                self._train_epoch(bar)
-                self.epoch += 1
-                self._evaluate()
-                bar.set_postfix(epoch=self.epoch, best_val_acc=f"{max(self.best_val_acc):.3f}")
-                self.wall_time += time.perf_counter() - start
-                start = time.perf_counter()
-                self._save()
-                if on_epoch_end is not None:
-                    on_epoch_end(self)
-        finally:
-            bar.close()
-            for logger in self.loggers:  # interrupted or not, the events logged so far are on disk
-                logger.flush()
-        self.wall_time += time.perf_counter() - start
-        summaries = self._finish()
-        return [summaries[self.order.index(i)] for i in range(len(self.configs))]
-
-    def _finish(self) -> list[dict]:
-        """Activation stds of the trained models, test accuracy with the best-val weights (as the
-        notebook), then each run's results card and summary."""
-        d = self.data
-        activation_std_final = self._activation_stds()
-        (test_acc,) = self._accuracies(d["X_test"], [d["y_test"]], self.best)
-        device = device_name(self.device)
-        summaries = []
-        for k, (config, h, logger) in enumerate(zip(self.configs, self.histories, self.loggers)):
-            last = h.loss[-FINAL_LOSS_WINDOW:]
-            summary = {
-                "config": asdict(config), "num_train": len(d["X_train"]), "epochs_done": self.epoch,
-                "best_val_acc": self.best_val_acc[k], "final_train_acc": h.train_acc[-1],
-                "best_train_acc": max(h.train_acc), "final_loss": sum(last) / len(last) if last else float("nan"),
-                "test_acc": test_acc[k], "wall_time_s": self.wall_time, "logging_time_s": self.logging_time,
-                "vectorized_models": len(self.configs), "device": device, "versions": versions(),
-                "activation_std": {"init": h.activation_std_init, "final": activation_std_final[k]},
-                "history": asdict(h),
-            }
-            logger.text("results", f"After {self.epoch} epochs: final train acc {summary['final_train_acc']:.3f}, "
-                                   f"best val acc {self.best_val_acc[k]:.3f}, test acc (best-val weights) "
-                                   f"{test_acc[k]:.3f}, final loss {summary['final_loss']:.3f}; "
-                                   f"{self.wall_time:.1f} s for all {len(self.configs)} models on {device}.",
-                        self.step)
-            logger.close()
-            path = os.path.join(self.run_dirs[k], SUMMARY)
-            with open(path + ".tmp", "w") as f:
-                json.dump(summary, f, indent=1)
-            os.replace(path + ".tmp", path)
-            summaries.append(summary)
-        return summaries
+    def _summary_extra(self) -> dict:
+        return {"vectorized_models": len(self.configs)}
 
 
 def run_many(configs: list[TrainConfig], data: CIFAR10Data, run_dirs: list[str], state_dir: str, *,
              progress: bool = True, resume: bool = False, log_every: int = LOG_EVERY) -> list[dict]:
-    """Train the runs together and return their summaries (in the order given); with resume, finished runs
-    are read back and unfinished ones continue from the shared checkpoint. log_every: per-layer dashboard
-    statistics every this many iterations (0: none)."""
-    done = [os.path.join(d, SUMMARY) for d in run_dirs]
-    if resume and all(os.path.isfile(p) for p in done):
-        out = []
-        for p in done:
-            with open(p) as f:
-                out.append(json.load(f))
-        return out
+    """Train the runs together and return their summaries (in the order given); with resume, runs
+    finished with at least config.epochs are read back, and otherwise all continue from the shared
+    checkpoint (as :func:`cifar_bn.training.run`). log_every: per-layer dashboard statistics every
+    this many iterations (0: none)."""
+    if resume:
+        load_checkpoint(os.path.join(state_dir, VECTORIZED_CHECKPOINT))  # a damaged one: refused before any rename
+        summaries = read_back(run_dirs, configs[0].epochs if configs else 0)
+        if summaries is not None:
+            return summaries
     return VectorizedTrainer(configs, data, run_dirs, state_dir, progress=progress, resume=resume,
                              log_every=log_every).fit()
 
@@ -555,9 +384,12 @@ def load_state_dicts(state_dir: str) -> list[dict[str, Tensor]]:
     """Each model's state_dict (as ``MLP.state_dict()``) at the last checkpoint of the vectorized runs in
     state_dir, in the order of the configs they were launched with: a model of the batch can be loaded
     into an :class:`~cifar_bn.models.MLP` and used on its own."""
-    ckpt = torch.load(os.path.join(state_dir, CHECKPOINT), map_location="cpu", weights_only=True)
+    path = os.path.join(state_dir, VECTORIZED_CHECKPOINT)
+    ckpt = load_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"no {VECTORIZED_CHECKPOINT} in {state_dir}: not the folder of vectorized runs")
     configs = [TrainConfig(**c) for c in ckpt["configs"]]
-    state, out, pos_in_group = ckpt["state"], {}, 0
+    state, order, out, pos_in_group = ckpt["models"]["state"], ckpt["models"]["order"], {}, 0
     groups = iter(state["groups"])
     params = buffers = None
     for pos, config in enumerate(configs):
@@ -566,6 +398,6 @@ def load_state_dicts(state_dir: str) -> list[dict[str, Tensor]]:
             pos_in_group = 0
         sd = {f"net.0.{k}": v[pos] for k, v in state["first"].items()}
         sd.update({f"net.{k}": v[pos_in_group] for k, v in {**params, **buffers}.items()})
-        out[ckpt["order"][pos]] = sd
+        out[order[pos]] = sd
         pos_in_group += 1
     return [out[i] for i in range(len(configs))]

@@ -21,9 +21,15 @@ def test_library_imports_none_of_the_application_dependencies():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_library_depends_only_on_torch_and_the_application_is_an_extra():
-    """torch, and ninja, which builds the compiled CPU op (issue 17); the application is an extra."""
+def test_library_depends_only_on_torch_and_is_installed_alone():
+    """pip install . installs torch_bn and nothing of the application (which runs from the checkout)."""
     with open("pyproject.toml", "rb") as f:
-        project = tomllib.load(f)["project"]
+        pyproject = tomllib.load(f)
+    project = pyproject["project"]
+    # torch, and ninja, which builds the compiled CPU op
     assert [d.split(">")[0].split("=")[0] for d in project["dependencies"]] == ["torch", "ninja"]
-    assert {"torchvision", "tensorboard", "tqdm", "matplotlib"} <= set(project["optional-dependencies"]["train"])
+    assert "optional-dependencies" not in project
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["torch_bn*"]
+    from setuptools import find_packages
+
+    assert {p.split(".")[0] for p in find_packages(include=["torch_bn*"])} == {"torch_bn"}

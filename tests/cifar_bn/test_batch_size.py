@@ -15,9 +15,10 @@ import torch_bn
 import train
 from cifar_bn import batch_size as batch_sizes
 from cifar_bn import reproduce
+from cifar_bn.config import NORMS, RENORM_DMAX, RENORM_RMAX, TrainConfig
 from cifar_bn.figures import COLORS, panels
-from cifar_bn.models import MLP, NORMS, RENORM_DMAX, RENORM_RMAX, hidden_layers
-from cifar_bn.training import TrainConfig, build_model
+from cifar_bn.models import MLP, hidden_layers
+from cifar_bn.training import build_model
 
 TINY = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
 QUICK = [*TINY, "--hidden-dims", "8,8", "--batch-size", "10", "--weight-scale", "0.05"]
@@ -101,7 +102,8 @@ def test_renorm_warmup_defaults_to_one_epoch():
     (["--norm", "torch_bn", "--virtual-batch-size", "5"], "a virtual batch size is ghost batch norm's"),
     (["--norm", "torch_bn", "--renorm-warmup", "5"], "a renormalization warm-up is batch renormalization's"),
     (["--norm", "renorm", "--renorm-warmup", "-1"], "renorm_warmup is a number of steps, zero or more, got -1"),
-    (["--experiment", "batch-size"], "--experiment batch-size sets --batch-size itself"),
+    (["--experiment", "batch-size"], "--experiment batch-size trains every normalization at batch sizes 5, 10 and "
+                                     "50 with its own options, so --batch-size 10 would be ignored"),
     (["--norms", "torch_bn,none"], "--norms lists the normalizations of --compare"),
     (["--compare", "--norms", "torch_bn,torch_bn"], "--norms: expected distinct normalizations"),
     (["--compare", "--norms", "torch_bn,batch"], "--norms: expected distinct normalizations"),
@@ -143,7 +145,7 @@ def test_single_runs_of_the_new_norms(flags, norm, options, tiny_cifar, tmp_path
             "ghost": "chunks of 5 samples", "layernorm": "nn.LayerNorm"}[norm] in card
     # The checkpoint holds the normalization's state (running statistics for the batch norms only).
     ckpt = torch.load(logdir / "r" / "checkpoint.pt", weights_only=True)
-    assert any(k.endswith("running_mean") for k in ckpt["model"]) == (norm != "layernorm")
+    assert any(k.endswith("running_mean") for k in ckpt["models"]["model"]) == (norm != "layernorm")
 
 
 def test_compare_takes_any_normalizations(tiny_cifar, tmp_path):
@@ -271,26 +273,19 @@ def test_table_gives_mean_and_range_over_seeds():
     assert "| ghost batch norm, 5 of 50 | 50 | 0.500 (0.500-0.500) | 0.100 (0.050-0.150) | 1.0 |" in rows
 
 
-def test_splice_replaces_only_its_section():
-    text = "# Results\n\nearlier\n\n<!-- batch-size -->\nold\n<!-- /batch-size -->\n\nlater\n"
-    assert reproduce.splice(text, "batch-size", ["new", "lines"]) == (
-        "# Results\n\nearlier\n\n<!-- batch-size -->\nnew\nlines\n<!-- /batch-size -->\n\nlater\n")
-    assert reproduce.splice("# Results\n", "batch-size", ["x"]) == "# Results\n\n<!-- batch-size -->\nx\n<!-- /batch-size -->\n"
-
-
 @pytest.mark.slow
 def test_reproduce_batch_size_alone_replaces_its_section(tiny_cifar, tmp_path):
     out, figures = tmp_path / "results.md", tmp_path / "figures"
-    out.write_text("# Results\n\nthe deep table\n\n<!-- batch-size -->\nold numbers\n<!-- /batch-size -->\n")
+    out.write_text("# Results\n\n## Deep network\n\nthe deep table\n\n## Batch size, before\n\nold numbers\n")
     assert reproduce.main(["--only", "batch-size", "--data-dir", tiny_cifar, "--no-verify", "--num-val", "20",
                            "--num-test", "20", "--quiet", "--batch-size-seeds", "1", "--batch-size-epochs", "1",
                            "--batch-size-num-train", "100", "--logdir", str(tmp_path / "runs"), "--out", str(out),
                            "--figures", str(figures)]) == 0
     text = out.read_text()
-    assert text.startswith("# Results\n\nthe deep table\n\n<!-- batch-size -->\n## Batch size")
-    assert "old numbers" not in text and text.count("<!-- /batch-size -->") == 1
+    assert text.startswith("# Results\n\n## Deep network\n\nthe deep table\n\n## Batch size (the notebook's")
+    assert "old numbers" not in text and text.count("## Batch size") == 1
     assert "| batch norm (torch_bn) | 5 |" in text and "| ghost batch norm, 10 of 50 | 50 |" in text
-    assert "Wall time of the whole experiment (14 runs" in text
+    assert "Wall time of the whole experiment (14 runs" in text and "CPU time of the process" in text
     assert "--only batch-size --data-dir DIR --no-verify" in text and tiny_cifar not in text
     assert sorted(os.listdir(figures)) == ["batch_size_summary.png", "batch_size_train.png", "batch_size_val.png"]
     (run_root,) = os.listdir(tmp_path / "runs")

@@ -8,8 +8,10 @@ import torch
 
 import train
 from cifar_bn.dashboard import RunLogger
+import cifar_bn.data
 from cifar_bn.data import load_cifar10
-from cifar_bn.training import TrainConfig, run
+from cifar_bn.config import TrainConfig
+from cifar_bn.training import run
 
 QUICK = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet", "--hidden-dims", "8,8",
          "--batch-size", "10", "--weight-scale", "0.05"]
@@ -53,6 +55,15 @@ def launch_args(tiny_cifar, logdir, *extra):
     (["--experiment", "weight-scale", "--num-scales", "0"], "--num-scales: expected a positive integer"),
     (["--lr"], "--lr: expected one argument"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    # A flag the mode would ignore is refused, not ignored.
+    (["--compare", "--norm", "nn"], "--compare trains every normalization (torch_bn, nn and none), so --norm nn "
+                                    "would be ignored; drop --norm"),
+    (["--compare", "--batchnorm"], "so --batchnorm would be ignored; drop --batchnorm"),
+    (["--experiment", "deep", "--norm", "none"], "--experiment deep trains batch norm (torch_bn) and no "
+                                                 "normalization, so --norm none would be ignored"),
+    (["--experiment", "weight-scale"], "so --weight-scale 0.05 would be ignored; drop --weight-scale"),
+    (["--num-scales", "3"], "--num-scales sets the scales of --experiment weight-scale"),
+    (["--data-dir", "nowhere"], "CIFAR-10 not found"),
 ])
 def test_bad_launch_is_one_line_exit_2_and_leaves_nothing(flags, says, tiny_cifar, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -91,7 +102,8 @@ def test_ctrl_c_keeps_the_checkpoint_prints_resume_and_exits_130(tiny_cifar, tmp
     err = capsys.readouterr().err
     root = str(logdir / "r")
     assert err.count("\n") == 1 and "Traceback" not in err and "interrupted" in err
-    command = err.strip().split("continue with: ")[1]
+    assert "last completed epoch" in err and "restarts from that epoch's end" in err
+    command = err.strip().split("from its start): ")[1]
     assert command == f"python train.py --resume {shlex.quote(root)}"
     assert torch.load(os.path.join(root, "checkpoint.pt"), weights_only=True)["epoch"] == 1
     assert not [f for f in os.listdir(root) if f.endswith(".tmp")]
@@ -110,10 +122,49 @@ def test_ctrl_c_while_loading_writes_nothing(tiny_cifar, tmp_path, capsys, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "load_cifar10", interrupted)
+    monkeypatch.setattr(cifar_bn.data, "load_cifar10", interrupted)
     assert train.main(launch_args(tiny_cifar, tmp_path / "runs")) == 130
     assert capsys.readouterr().err == "train.py: interrupted before the run started; nothing was written\n"
     assert not os.path.exists(tmp_path / "runs")
+
+
+def folder_state(root) -> dict[str, bytes]:
+    """Every file under root with its bytes: what a refused launch must leave as it was."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("mode, damaged", [([], "checkpoint.pt"), ([], "summary.json"), ([], "run.json"),
+                                           (["--compare"], os.path.join("nn", "checkpoint.pt")),
+                                           (["--experiment", "weight-scale", "--vectorized", "--num-scales", "2"],
+                                            "vectorized_checkpoint.pt")])
+def test_resume_of_a_damaged_run_is_one_line_and_changes_nothing(mode, damaged, tiny_cifar, tmp_path, capsys):
+    """The issue's reproducer: the first 1,000 bytes of a checkpoint kept (or a summary or run.json
+    cut short), the summaries removed, then --resume RUN --epochs 3."""
+    logdir = tmp_path / "runs"
+    root = logdir / "r"
+    flags = launch_args(tiny_cifar, logdir, "--epochs", "2", *mode)
+    if "--experiment" in mode:  # the experiment sweeps the weight scale, on 1,000 images unless told
+        at = flags.index("--weight-scale")
+        flags = flags[:at] + flags[at + 2:] + ["--num-train", "100"]
+    assert train.main(flags) == 0
+    path = root / damaged
+    path.write_bytes(path.read_bytes()[:1000] if damaged.endswith(".pt") else b'{"config": {"epo')
+    if damaged.endswith(".pt"):
+        for summary in root.rglob("summary.json"):
+            summary.unlink()
+    capsys.readouterr()
+    before = folder_state(root)
+    assert train.main(["--resume", str(root), "--epochs", "3", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"train.py: error: {path} is damaged and cannot be read back")
+    assert "nothing was changed" in err and "move it aside" in err
+    assert folder_state(root) == before  # nothing renamed, written or removed
 
 
 def test_resume_with_more_epochs_extends_the_run(tiny_cifar, tmp_path):
@@ -179,5 +230,40 @@ def test_reproduce_refuses_bad_options_and_missing_data_before_writing(tmp_path,
     assert reproduce.main(["--seeds", "0", "--logdir", str(logdir)]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert reproduce.main(["--data-dir", str(tmp_path / "nowhere"), "--no-verify", "--logdir", str(logdir)]) == 2
-    assert "CIFAR-10 is incomplete" in capsys.readouterr().err
+    assert "CIFAR-10 not found" in capsys.readouterr().err
     assert not os.path.exists(logdir)
+
+
+@pytest.mark.slow
+def test_reproduce_writes_every_result_and_figure(tiny_cifar, tmp_path, monkeypatch):
+    """The whole script on the tiny data set (its experiments on 100 images, 2 epochs): every section
+    of the results file, with the spread over seeds, and the README's figures."""
+    from cifar_bn import reproduce
+
+    for name in ("deep", "weight-scale"):
+        monkeypatch.setitem(reproduce.PRESETS, name, {**reproduce.PRESETS[name], "num_train": 100, "epochs": 2,
+                                                         "hidden_dims": (8, 8)})
+    monkeypatch.setattr(reproduce, "TrainConfig", lambda **kw: TrainConfig(**{"hidden_dims": (8,), "epochs": 2, **kw}))
+    out, figures = tmp_path / "results.md", tmp_path / "figures"
+    assert reproduce.main(["--data-dir", tiny_cifar, "--no-verify", "--num-val", "20", "--num-test", "20",
+                           "--seeds", "2", "--compare-seeds", "2", "--thread-seeds", "1", "--num-scales", "2",
+                           "--overhead-repeats", "1", "--batch-size-seeds", "1", "--batch-size-epochs", "1",
+                           "--batch-size-num-train", "100", "--logdir", str(tmp_path / "runs"), "--out", str(out),
+                           "--figures", str(figures), "--quiet"]) == 0
+    text = out.read_text()
+    for section in ("## Deep network", "### 1 vs 2 threads", "## Weight-initialization scale",
+                    "## Compare on the full training set", "seeds 0-1, mean (min-max)", "Seed 0 again at",
+                    "## Cost of the per-layer dashboard statistics", "## Batch size"):
+        assert section in text, section
+    assert sorted(os.listdir(figures)) == ["activation_std.png", "batch_size_summary.png", "batch_size_train.png",
+                                           "batch_size_val.png", "compare.png", "deep.png", "weight_scale.png"]
+    # --only regenerates one result: its section is replaced, the others are kept as they were.
+    assert reproduce.main(["--data-dir", tiny_cifar, "--no-verify", "--num-val", "20", "--num-test", "20",
+                           "--only", "compare", "--compare-seeds", "1", "--logdir", str(tmp_path / "runs"),
+                           "--out", str(out), "--figures", str(figures), "--quiet"]) == 0
+    again = out.read_text()
+    compare = again.index("## Compare on the full training set")
+    assert again[:compare] == text[:text.index("## Compare on the full training set")]
+    assert "Regenerated alone by `python -m cifar_bn.reproduce --data-dir DIR" in again[compare:]
+    assert "seeds 0-0, mean (min-max)" in again and "## Cost of the per-layer" in again
+    assert reproduce.main(["--only", "deep", "--out", str(tmp_path / "none.md")]) == 2

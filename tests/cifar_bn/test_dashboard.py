@@ -18,16 +18,18 @@ from tensorboard.plugins.custom_scalar import metadata as cs_metadata
 from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-import cifar_bn.training
+import cifar_bn.lifecycle
 import train
-from cifar_bn import experiments, models
+from cifar_bn import config, experiments
 from cifar_bn.dashboard import (HPARAM_DOMAINS, MAX_RUNS_PER_LOGDIR, METRICS, NORM_DOMAIN, OPTIMIZER_DOMAIN,
                                 LayerProbe, hparam_values)
 from cifar_bn.data import load_cifar10
 from cifar_bn.figures import (CARD, COLORS, LABELS, TENSORBOARD_PALETTE, activation_std_draws, curve_draws, panels,
                               weight_scale_draws)
 from cifar_bn.models import MLP, activation_stds
-from cifar_bn.training import OPTIMIZERS, TrainConfig, checks_per_epoch, run
+from cifar_bn.config import OPTIMIZERS, TrainConfig
+from cifar_bn.lifecycle import checks_per_epoch
+from cifar_bn.training import run
 
 
 def reference_layers(model, x, norm):
@@ -107,7 +109,7 @@ def events(run_dir):
 
 
 def test_run_dashboard_checks_hparams_and_card(tiny_cifar, tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar_bn.training, "EVAL_COST_SHARE", 100.0)  # ten checks an epoch on tiny data
+    monkeypatch.setattr(cifar_bn.lifecycle, "EVAL_COST_SHARE", 100.0)  # ten checks an epoch on tiny data
     data = load_cifar10(tiny_cifar, num_train=100, num_val=20, num_test=20, verify=False)
     config = TrainConfig(norm="torch_bn", hidden_dims=(8, 8), batch_size=10, weight_scale=0.05, epochs=2)
     summary = run(config, data, str(tmp_path / "r"), progress=False, log_every=3)
@@ -210,16 +212,16 @@ def tensorboard_view(logdir):
 
 def test_every_normalization_has_one_colour_and_compare_starts_the_palette():
     from cifar_bn.figures import COLOR_NAMES, COMPARE_ORDER
-    assert set(COLORS) == set(models.NORMS) == set(LABELS) and len(set(COLORS.values())) == len(COLORS)
+    assert set(COLORS) == set(config.NORMS) == set(LABELS) and len(set(COLORS.values())) == len(COLORS)
     assert all(c in TENSORBOARD_PALETTE and c in COLOR_NAMES for c in COLORS.values())
     # --compare's default runs start in COMPARE_ORDER, so TensorBoard gives them the figures' colours.
-    assert tuple(experiments.COMPARE_NORMS) == COMPARE_ORDER[:len(experiments.COMPARE_NORMS)]
+    assert tuple(config.COMPARE_NORMS) == COMPARE_ORDER[:len(config.COMPARE_NORMS)]
 
 
 def test_every_hparam_has_one_domain_and_one_type():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(HPARAM_DOMAINS) == fields | {"num_train", "device"}  # a new config field needs a domain here
-    assert tuple(NORM_DOMAIN) == models.NORMS and tuple(OPTIMIZER_DOMAIN) == OPTIMIZERS
+    assert tuple(NORM_DOMAIN) == config.NORMS and tuple(OPTIMIZER_DOMAIN) == OPTIMIZERS
     default = hparam_values(dataclasses.asdict(TrainConfig()), 100, "cpu")
     scaled = hparam_values(dataclasses.asdict(TrainConfig(weight_scale=1, lr=1, reg=0)), 100, "cpu")
     assert "weight_scale" not in default and scaled["weight_scale"] == 1.0  # PyTorch's init: left out, never "default"
@@ -294,7 +296,7 @@ def test_dashboards_of_the_readme_commands(tiny_cifar, tmp_path):
     domains = {i.name: i for i in infos}
     for name in ("norm", "optimizer"):
         assert domains[name].HasField("domain_discrete")
-    assert sorted(v.string_value for v in domains["norm"].domain_discrete.values) == sorted(models.NORMS)
+    assert sorted(v.string_value for v in domains["norm"].domain_discrete.values) == sorted(config.NORMS)
     for name in ("weight_scale", "lr", "batch_size", "epochs", "num_train", "seed", "dropout", "reg", "lr_decay"):
         interval = domains[name].domain_interval
         assert domains[name].type == api_pb2.DATA_TYPE_FLOAT64 and interval.min_value < interval.max_value, name

@@ -115,8 +115,8 @@ def test_torchrun_two_processes_give_the_single_process_losses(tiny_cifar, tmp_p
     assert diff < 1e-5
     assert ddp["history"]["val_acc"] == single["history"]["val_acc"]
     # The checkpoint is a plain model's: it loads into the single-process run's model.
-    ddp_state = torch.load(ddp_dir / "checkpoint.pt", weights_only=True)["model"]
-    single_state = torch.load(single_dir / "checkpoint.pt", weights_only=True)["model"]
+    ddp_state = torch.load(ddp_dir / "checkpoint.pt", weights_only=True)["models"]["model"]
+    single_state = torch.load(single_dir / "checkpoint.pt", weights_only=True)["models"]["model"]
     assert ddp_state.keys() == single_state.keys()
     for k in single_state:
         torch.testing.assert_close(ddp_state[k].double(), single_state[k].double(), rtol=1e-5, atol=1e-5)

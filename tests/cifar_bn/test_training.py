@@ -15,7 +15,9 @@ import cifar_bn.data
 import torch_bn
 from cifar_bn.data import DataError, load_cifar10
 from cifar_bn.models import MLP, l2_penalty
-from cifar_bn.training import RunExistsError, Trainer, TrainConfig, build_model, run
+from cifar_bn.config import TrainConfig
+from cifar_bn.runs import RunExistsError
+from cifar_bn.training import Trainer, build_model, run
 
 TINY = ["--no-verify", "--num-val", "20", "--num-test", "20", "--quiet"]
 

@@ -7,11 +7,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-import cifar_bn.training
+import cifar_bn.lifecycle
 import train
 from helpers import Interrupt, crash_after_first_save
 from cifar_bn.data import load_cifar10
-from cifar_bn.training import RunExistsError, TrainConfig, run
+from cifar_bn.config import TrainConfig
+from cifar_bn.runs import RunExistsError
+from cifar_bn.training import run
 from cifar_bn.models import MLP
 from cifar_bn.vectorized import VectorizedTrainer, load_state_dicts, run_many
 
@@ -65,7 +67,7 @@ def test_vectorized_equals_sequential(tiny_cifar, tmp_path):
         for when in ("init", "final"):
             assert len(b["activation_std"][when]) == len(c.hidden_dims)
             assert b["activation_std"][when] == pytest.approx(a["activation_std"][when], **ACT_TOL), (when, i)
-        ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["model"]
+        ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["models"]["model"]
         assert final[i].keys() == ref.keys()
         MLP(3072, c.hidden_dims, 10, c.norm).load_state_dict(final[i])  # loads into the model it came from
         for name, v in ref.items():
@@ -92,7 +94,7 @@ def test_vectorized_sgd_biases_equal_too(tiny_cifar, tmp_path):
     final = load_state_dicts(str(tmp_path / "vec"))
     for i in range(2):
         assert vec[i]["history"]["loss"] == pytest.approx(seq[i]["history"]["loss"], **LOSS_TOL)  # penalty included
-        ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["model"]
+        ref = torch.load(tmp_path / "seq" / str(i) / "checkpoint.pt", weights_only=True)["models"]["model"]
         for name, v in ref.items():
             torch.testing.assert_close(final[i][name], v, **WEIGHT_TOL, msg=lambda m: f"run {i} {name}: {m}")
     assert seq[0]["history"]["loss"] != pytest.approx(seq[1]["history"]["loss"], rel=1e-3)  # BN changes the net
@@ -108,7 +110,7 @@ def test_vectorized_dashboards_equal_sequential(tiny_cifar, tmp_path, monkeypatc
     # before a BN, which have zero true gradient, move by +-lr on rounding noise: pre_norm_mean would follow).
     # Statistics every 2 iterations; a budget for 10 accuracy checks per epoch of 5 iterations: a check
     # after every iteration.
-    monkeypatch.setattr(cifar_bn.training, "EVAL_COST_SHARE", 10.0)
+    monkeypatch.setattr(cifar_bn.lifecycle, "EVAL_COST_SHARE", 10.0)
     data = tiny_data(tiny_cifar)
     # Scales 1e-3 and 3e-2: at 0.3 the run without BN explodes (pre-activation std ~1e3), which amplifies
     # float32 rounding past 1e-4 (test_vectorized_equals_sequential covers that scale).
