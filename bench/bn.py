@@ -1,19 +1,23 @@
-"""Benchmark: torch_bn vs nn.BatchNorm1d, training mode, forward and forward+backward.
+"""Benchmark: torch_bn vs nn.BatchNorm1d/2d, training mode, forward and forward+backward.
 
     python -m bench.bn                      # every shape, float32 and bfloat16, on CUDA if present
-    python -m bench.bn --device cpu --dtype float32 --json bench.json
+    python -m bench.bn --device cpu --threads 1,2 --dtype float32 --dtype float16 --markdown
+    python -m bench.bn --device cpu --shapes 32x64x32x32 --layout channels_last --json bench.json
     python -m bench.bn --mlp --threads 1    # per call at the CIFAR-10 MLP's sizes, in microseconds
 
 One process, the same inputs for every implementation; warm-up, then the median of many
-repeats (CUDA: triton.testing.do_bench, which uses CUDA events). Copy bandwidth is measured in
-the same run; "% bound" is the two-pass bound (8 accesses per element for forward+backward:
-forward reads x twice and writes y, backward reads dy and x twice each and writes dx) over the
-measured time.
+repeats (CUDA: triton.testing.do_bench, which uses CUDA events); on CPU native and torch_bn run
+in turns. ``--threads 1,2`` runs the whole table once per thread count (torch.set_num_threads),
+in the same process. Copy bandwidth is measured in the same run; "% bound" is the two-pass bound
+over the measured time: 8 accesses per element for forward+backward (forward reads x twice and
+writes y, backward reads dy and x twice each and writes dx), 3 for the forward alone. Each table
+prints the load average (os.getloadavg) before and after it: the machine may be shared.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -29,6 +33,9 @@ CUDA_ONLY = [(16384, 16384)]  # (100, 500) is the notebook's shape for its backw
 # The MLP's BN layers (cifar_bn): batch 50; hidden width 100 (--compare, --experiment deep) and 50
 # (--experiment weight-scale). At these sizes a call costs overhead, not arithmetic.
 MLP_SHAPES = [(50, 100), (50, 50)]
+# BatchNorm2d sizes (N, C, H, W): CIFAR-like early and late ResNet layers; contiguous and channels-last.
+SHAPES_4D = [(32, 64, 32, 32), (128, 256, 8, 8)]
+LAYOUTS = ("contiguous", "channels_last")
 ACCESSES_FWD_BWD = 8
 ACCESSES_FWD = 3
 
@@ -107,13 +114,14 @@ def backward_only(m: nn.Module, x: Tensor, dy: Tensor):
     return run
 
 
-def bench_shape(shape, dtype, device, measure, bandwidth, channels_last: bool = False) -> dict:
+def bench_shape(shape, dtype, device, measure, bandwidth, channels_last: bool = False, staged: bool = True) -> dict:
     layout = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     dy = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     row: dict = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "mib": x.numel() * x.element_size() / 2**20,
-                 "channels_last": layout is torch.channels_last}
+                 "channels_last": layout is torch.channels_last, "threads": torch.get_num_threads()}
     m = implementations(shape, device)
+    m = {k: v.to(dtype) if dtype == torch.float64 else v for k, v in m.items()}  # float64 modules for float64 input
     # native and torch_bn are timed in turns on the same inputs. The two backwards are timed
     # one after the other instead: the staged one churns the heap (a dozen full-size
     # temporaries), which would make the next call page-fault its output back in.
@@ -121,8 +129,9 @@ def bench_shape(shape, dtype, device, measure, bandwidth, channels_last: bool = 
                       ("fwdbwd", {k: forward_backward(m[k], x, dy) for k in ("native", "torch_bn")})):
         times = measure(fns)
         row[f"native_{kind}_s"], row[f"torch_bn_{kind}_s"] = times["native"], times["torch_bn"]
-    for k in ("torch_bn", "staged"):
-        row[f"{k}_bwd_s"] = measure({k: backward_only(m[k], x, dy)})[k]
+    if staged:
+        for k in ("torch_bn", "staged"):
+            row[f"{k}_bwd_s"] = measure({k: backward_only(m[k], x, dy)})[k]
     nbytes = x.numel() * x.element_size()
     row["bound_fwdbwd_s"] = ACCESSES_FWD_BWD * nbytes / bandwidth
     row["bound_fwd_s"] = ACCESSES_FWD * nbytes / bandwidth
@@ -155,6 +164,37 @@ def bench_mlp_shape(shape, measure) -> dict:
     return row
 
 
+FALLBACK_SHAPES = [(256, 1024), (4096, 1024), (256, 65536), (32, 64, 32, 32)]
+
+
+def bench_fallback_shape(shape, dtype, measure) -> dict:
+    """Forward+backward of torch_bn's two tensor-op paths, what runs without the compiled op:
+    pinned to the slab-fused ops and to the reference ops, in turns on the same inputs."""
+    x = torch.randn(shape, dtype=dtype).requires_grad_()
+    dy = torch.randn(shape, dtype=dtype)
+    m = implementations(shape, "cpu")["torch_bn"]
+
+    def pinned(path):
+        run = forward_backward(m, x, dy)
+
+        def f():
+            with torch_bn.use_path(path):
+                run()
+        return f
+
+    times = measure({"fused": pinned("fused"), "reference": pinned("reference")})
+    return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "fused_fwdbwd_s": times["fused"], "reference_fwdbwd_s": times["reference"]}
+
+
+def print_fallback_table(rows: list[dict]) -> None:
+    print("| shape | dtype | threads | f+b fused (ms) | f+b reference (ms) | reference / fused |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['threads']} | {1e3 * r['fused_fwdbwd_s']:.2f} | "
+              f"{1e3 * r['reference_fwdbwd_s']:.2f} | {r['reference_fwdbwd_s'] / r['fused_fwdbwd_s']:.2f} |", flush=True)
+
+
 def print_mlp_table(rows: list[dict]) -> None:
     print(f"{'shape':>8} {'path':>9} | {'fwd native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6} | "
           f"{'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6}   (microseconds per call)")
@@ -171,83 +211,160 @@ def label(row: dict) -> str:
     return "x".join(map(str, row["shape"])) + (" (channels-last)" if row.get("channels_last") else "")
 
 
-def print_table(rows: list[dict]) -> None:
-    head = (f"{'shape':>15} {'dtype':>8} {'MiB':>6} | {'fwd native':>10} {'torch_bn':>9} {'ratio':>6} | "
-            f"{'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'%bound':>6} {'nat %bnd':>8} | {'bwd cf':>9} {'staged':>9} {'staged/cf':>9}")
+def layout_name(row: dict) -> str:
+    return "channels_last" if row.get("channels_last") else "contiguous"
+
+
+def print_header(staged: bool) -> None:
+    head = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'thr':>3} {'MiB':>6} | {'fwd native':>10} {'torch_bn':>9} "
+            f"{'ratio':>6} {'%bnd':>5} | {'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'%bound':>6} {'nat %bnd':>8}"
+            + (f" | {'bwd cf':>9} {'staged':>9} {'staged/cf':>9}" if staged else ""))
     print(head)
-    print("-" * len(head))
+    print("-" * len(head), flush=True)
+
+
+def print_row(r: dict) -> None:
+    ms = lambda k: f"{1e3 * r[k]:>8.3f}ms"  # noqa: E731
+    print(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>8} {layout_name(r):>13} {r['threads']:>3} {r['mib']:>6.1f} | "
+          f"{ms('native_fwd_s'):>10} {ms('torch_bn_fwd_s'):>9} {r['torch_bn_fwd_s'] / r['native_fwd_s']:>6.2f} "
+          f"{100 * r['bound_fwd_s'] / r['torch_bn_fwd_s']:>4.0f}% | "
+          f"{ms('native_fwdbwd_s'):>10} {ms('torch_bn_fwdbwd_s'):>9} "
+          f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:>6.2f} "
+          f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:>5.0f}% "
+          f"{100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:>7.0f}%"
+          + (f" | {ms('torch_bn_bwd_s'):>9} {ms('staged_bwd_s'):>9} {r['staged_bwd_s'] / r['torch_bn_bwd_s']:>9.2f}"
+             if "staged_bwd_s" in r else ""), flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    print_header(all("staged_bwd_s" in r for r in rows))
     for r in rows:
-        ms = lambda k: f"{1e3 * r[k]:>8.3f}ms"  # noqa: E731
-        print(f"{label(r):>15} {r['dtype']:>8} {r['mib']:>6.1f} | "
-              f"{ms('native_fwd_s'):>10} {ms('torch_bn_fwd_s'):>9} {r['torch_bn_fwd_s'] / r['native_fwd_s']:>6.2f} | "
-              f"{ms('native_fwdbwd_s'):>10} {ms('torch_bn_fwdbwd_s'):>9} "
-              f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:>6.2f} "
-              f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:>5.0f}% "
-              f"{100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:>7.0f}% | "
-              f"{ms('torch_bn_bwd_s'):>9} {ms('staged_bwd_s'):>9} {r['staged_bwd_s'] / r['torch_bn_bwd_s']:>9.2f}")
+        print_row(r)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The results table (bench/RESULTS.md): times in ms, ratios torch_bn / native (lower is better)."""
-    lines = ["| shape | dtype | MiB | fwd native | fwd torch_bn | ratio | f+b native | f+b torch_bn | ratio | "
-             "% of bound (ours / native) | backward closed-form | backward staged | staged / closed-form |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """The results table (bench/RESULTS.md): times in ms, ratios torch_bn / native (lower is better),
+    and the share of the two-pass bound reached (higher is better)."""
+    staged = all("staged_bwd_s" in r for r in rows)
+    lines = ["| shape | dtype | layout | threads | MiB | fwd native | fwd torch_bn | ratio | fwd % of bound | "
+             "f+b native | f+b torch_bn | ratio | f+b % of bound (ours / native) |"
+             + (" backward closed-form | backward staged | staged / closed-form |" if staged else ""),
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+             + (" ---: | ---: | ---: |" if staged else "")]
     for r in rows:
         lines.append(
-            f"| {label(r)} | {r['dtype']} | {r['mib']:.1f} | {1e3 * r['native_fwd_s']:.3f} | "
-            f"{1e3 * r['torch_bn_fwd_s']:.3f} | {r['torch_bn_fwd_s'] / r['native_fwd_s']:.2f} | "
+            f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {layout_name(r)} | {r['threads']} | {r['mib']:.1f} | "
+            f"{1e3 * r['native_fwd_s']:.3f} | {1e3 * r['torch_bn_fwd_s']:.3f} | {r['torch_bn_fwd_s'] / r['native_fwd_s']:.2f} | "
+            f"{100 * r['bound_fwd_s'] / r['torch_bn_fwd_s']:.0f}% | "
             f"{1e3 * r['native_fwdbwd_s']:.3f} | {1e3 * r['torch_bn_fwdbwd_s']:.3f} | "
             f"{r['torch_bn_fwdbwd_s'] / r['native_fwdbwd_s']:.2f} | "
-            f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:.0f}% / {100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:.0f}% | "
-            f"{1e3 * r['torch_bn_bwd_s']:.3f} | {1e3 * r['staged_bwd_s']:.3f} | {r['staged_bwd_s'] / r['torch_bn_bwd_s']:.2f} |")
+            f"{100 * r['bound_fwdbwd_s'] / r['torch_bn_fwdbwd_s']:.0f}% / {100 * r['bound_fwdbwd_s'] / r['native_fwdbwd_s']:.0f}% |"
+            + (f" {1e3 * r['torch_bn_bwd_s']:.3f} | {1e3 * r['staged_bwd_s']:.3f} | {r['staged_bwd_s'] / r['torch_bn_bwd_s']:.2f} |"
+               if staged else ""))
     return "\n".join(lines)
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def parse_threads(text: str | None) -> list[int | None]:
+    """--threads "1,2" -> [1, 2]; absent -> [None] (PyTorch's choice)."""
+    if not text:
+        return [None]
+    threads = [int(t) for t in text.split(",")]
+    if any(t < 1 for t in threads):
+        raise SystemExit(f"--threads takes positive counts such as 1 or 1,2, got {text!r}")
+    return threads
+
+
+def cases(shapes: list[tuple[int, ...]], layouts: list[str]) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, channels_last) pairs: 4D shapes in each layout asked for, others contiguous."""
+    return [(s, layout == "channels_last") for s in shapes
+            for layout in (layouts if len(s) == 4 else ["contiguous"])]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), action="append",
-                   help="repeatable; default both")
-    p.add_argument("--shapes", help="e.g. 4096x1024,256x65536 (default: the standard list below); "
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), action="append",
+                   help="repeatable; default float32 and bfloat16")
+    p.add_argument("--shapes", help="e.g. 4096x1024,32x64x32x32 (default: the standard 2D and 4D lists); "
                                     "NxCxHxW shapes use BatchNorm2d")
-    p.add_argument("--channels-last", action="store_true", help="NxCxHxW inputs in channels-last layout")
+    p.add_argument("--layout", choices=LAYOUTS, action="append",
+                   help="layout of NxCxHxW inputs, repeatable (default both)")
+    p.add_argument("--channels-last", action="store_true", help="same as --layout channels_last")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    p.add_argument("--staged", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time the closed-form against the staged backward (the backward alone)")
     p.add_argument("--mlp", action="store_true",
                    help="only the MLP's shapes (CPU float32), per call: native, torch_bn, torch_bn's Python path")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
+    p.add_argument("--fallback", action="store_true",
+                   help="only the paths without the compiled op (CPU): slab-fused vs reference ops, forward+backward")
+    p.add_argument("--threads", help="torch.set_num_threads, one count or several (1,2: the whole table for each, "
+                                     "in this process); default: PyTorch's choice")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = parse_threads(args.threads)
     if args.mlp:
         measure = timer("cpu", args.budget)
-        machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-        print(f"device: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
-        rows = [bench_mlp_shape(s, measure) for s in MLP_SHAPES]
-        print_mlp_table(rows)
+        rows = []
+        for t in threads:
+            if t:
+                torch.set_num_threads(t)
+            machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+            print(f"device: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; "
+                  f"load average {load_average()}")
+            rows_t = [bench_mlp_shape(s, measure) | {"threads": torch.get_num_threads()} for s in MLP_SHAPES]
+            print_mlp_table(rows_t)
+            print(f"load average after: {load_average()}")
+            rows += rows_t
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"device": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                           "rows": rows}, f, indent=1)
+                json.dump({"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        return
+    if args.fallback:
+        measure = timer("cpu", args.budget)
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else FALLBACK_SHAPES
+        for t in threads:
+            if t:
+                torch.set_num_threads(t)
+            print(f"torch {torch.__version__}; {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}; "
+                  f"load average {load_average()}")
+            print_fallback_table([bench_fallback_shape(s, getattr(torch, d), measure)
+                                  for d in (args.dtype or ["float32", "bfloat16"]) for s in shapes])
+            print(f"load average after: {load_average()}")
         return
     shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
-              else SHAPES + (CUDA_ONLY if args.device == "cuda" else []))
+              else SHAPES + (CUDA_ONLY if args.device == "cuda" else []) + SHAPES_4D)
+    layouts = args.layout or (["channels_last"] if args.channels_last else list(LAYOUTS))
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
     measure = timer(args.device, args.budget)
-    bandwidth = copy_bandwidth(args.device, measure)
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
-    print(f"device: {machine}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"{time.strftime('%Y-%m-%d')}")
-    rows = [bench_shape(s, dt, args.device, measure, bandwidth, args.channels_last) for dt in dtypes for s in shapes]
-    print_table(rows)
-    if args.markdown:
-        print(markdown_table(rows))
+    rows = []
+    for t in threads:
+        if t:
+            torch.set_num_threads(t)
+        bandwidth = copy_bandwidth(args.device, measure)
+        machine = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+        print(f"device: {machine}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+              f"{time.strftime('%Y-%m-%d %H:%M')}; load average {load_average()}")
+        print_header(args.staged)
+        rows_t = []
+        for dt in dtypes:
+            for s, cl in cases(shapes, layouts):
+                rows_t.append(bench_shape(s, dt, args.device, measure, bandwidth, cl, args.staged)
+                              | {"copy_bandwidth_Bps": bandwidth, "load_average": os.getloadavg()})
+                print_row(rows_t[-1])
+        print(f"load average after: {load_average()}")
+        if args.markdown:
+            print(markdown_table(rows_t))
+        rows += rows_t
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": machine, "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
-                       "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+            json.dump({"device": args.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

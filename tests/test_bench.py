@@ -21,3 +21,17 @@ def test_mlp_rows_time_native_torch_bn_and_the_python_path(monkeypatch):
     assert row["path"] == torch_bn.dispatch.choose_path(torch.empty(50, 100))
     assert {f"{k}_{kind}_s" for k in ("native", "torch_bn", "python") for kind in ("fwd", "fwdbwd")} <= set(row)
     assert {(50, 100), (50, 50)} <= set(bn.MLP_SHAPES)
+
+
+def test_table_cases_layouts_threads_and_columns():
+    """4D shapes in both layouts, 2D contiguous only; --threads takes a list; each row names its
+    layout and thread count, and the markdown table shows them with the % of bound."""
+    assert bn.cases([(50, 100), (2, 3, 4, 4)], ["contiguous", "channels_last"]) == [
+        ((50, 100), False), ((2, 3, 4, 4), False), ((2, 3, 4, 4), True)]
+    assert bn.parse_threads("1,2") == [1, 2] and bn.parse_threads(None) == [None]
+    assert {(32, 64, 32, 32), (128, 256, 8, 8)} <= set(bn.SHAPES_4D)
+    fake = lambda fns: {k: (fn(), 1e-3)[1] for k, fn in fns.items()}  # noqa: E731  (runs each once)
+    row = bn.bench_shape((4, 3, 2, 2), torch.float16, "cpu", fake, 1e9, channels_last=True, staged=False)
+    assert row["channels_last"] and row["threads"] == torch.get_num_threads() and row["dtype"] == "float16"
+    table = bn.markdown_table([row])
+    assert "| 4x3x2x2 | float16 | channels_last |" in table and "% of bound" in table

@@ -34,12 +34,27 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "ops.cpp", CSRC / "kernels.cpp"]
 HEADERS = [CSRC / "kernels.h"]
-CFLAGS = ["-O3"]
 # TORCH_BN_CPP=0 in the environment (or ENABLED = False) never builds or uses the compiled ops.
 ENABLED = os.environ.get("TORCH_BN_CPP", "1") != "0"
 BUILD_SECONDS = "about a minute"  # what the start-of-build line promises (2 cores, both sources)
 
 _ops = None  # the ops once loaded, False where they cannot be
+
+
+def cpu_flags() -> list[str]:
+    """The vector instructions the kernels are compiled for: AVX2 with FMA and F16C where
+    ATen's own kernels run AVX2 or AVX-512 on this CPU (``torch.backends.cpu.get_cpu_capability()``,
+    which honours ``ATEN_CPU_CAPABILITY``), else none (the compiler's portable baseline, and
+    at::vec's portable vectors). These flags are part of :func:`extension_name`, so a build made
+    for one CPU is never loaded on a CPU without those instructions: that one builds its own.
+    ``CPU_CAPABILITY`` names at::vec's inline namespace; ours is our own, so no inline function of
+    ours can stand in for one of libtorch's or the other way round."""
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=torch_bn_avx2"]
+    return []
+
+
+CFLAGS = ["-O3", *cpu_flags()]
 
 
 def extension_name() -> str:

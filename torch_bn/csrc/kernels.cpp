@@ -1,237 +1,642 @@
-// The loops of torch_bn's compiled CPU op: training-mode batch-norm forward and closed-form
-// backward over x viewed as (N, C, L), behind the interface of kernels.h. ops.cpp registers the
-// ops that call them; torch_bn/function.py's BatchNormFunction calls those ops as its bodies.
+// The training-mode batch-norm loops behind kernels.h: statistics, y, and the closed-form
+// backward, for any CPU floating input (float, double, half, bfloat16), 2D to 5D, contiguous or
+// channels-last (read in place). Parallel over at::parallel_for (torch.set_num_threads is
+// obeyed), vectorized with at::vec::Vectorized (the build picks its instruction set: see
+// torch_bn/cpp.py), arithmetic in the op-math type (float for half/bfloat16/float, double for
+// double).
 //
-// Numerics (tested against float64 and nn.BatchNorm1d in tests/test_cpp.py):
-// - sums accumulate in double; the statistics are two-pass (the mean, then the mean of squared
-//   deviations), as in the reference ops (torch_bn/ops.py), so constant features give beta
-//   exactly and far-from-zero ones (1e4 + noise) keep their variance;
-// - y = (x - mean) * (rstd * weight) + bias and the closed-form dx are computed in the input's
-//   "op-math" type (float for float16/bfloat16/float32, double for float64).
+// Two shapes of loop cover every input, by how x lies in memory:
+// - rows: (R, C) row-major, one channel per column: 2D input (R = N), channels-last input
+//   (R = N * H * W ...), or any input whose spatial size is 1. Vectors run along the channels.
+// - planes: (N, C, L) with L > 1 (contiguous NCHW...): N runs of L values per channel. Vectors
+//   run along each run.
+//
+// Statistics, accurate where one-pass sums are not: the data is cut into tiles small enough to
+// stay in L1/L2 (rows: 32 rows x up to 1024 channels; planes: up to 2048 values of one run).
+// Each tile is read twice while it is in cache: its sum gives a centre c, then sum(x - c) and
+// sum((x - c)^2) give its mean and centred sum of squares; tiles merge into double-precision
+// running (count, mean, M2) per channel by Chan et al.'s pairwise update. So deviations are
+// always taken from a nearby centre (constant features give M2 = 0 exactly, 1e6 + randn keeps
+// its variance) while x leaves memory once for the statistics.
+//
+// y = (x - mean_f) * scale + shift, where mean_f is the mean rounded to the op-math type,
+// scale = rstd * weight and shift = bias - (mean - mean_f) * scale: x - mean_f is exact in
+// float for x near the mean, and the rounding of the mean is carried, in double, by the shift.
+// Constant features give exactly beta.
+//
+// The backward (docs/derivation.md): per channel s1 = sum(dy), s2 = sum(dy * (x - mean)) (float
+// over a tile, double across tiles), then dx = a * dy + b * (x - mean) + c with g = rstd * weight,
+// a = g, b = -g * rstd^2 * s2 / M, c = -g * s1 / M; dweight = rstd * s2, dbias = s1.
+//
+// Planes run one channel per task, statistics then y (or sums then dx) while the channel is
+// still in cache; rows split the rows over threads, each keeping its own per-channel state,
+// merged afterwards, then a second parallel sweep writes y (or dx).
 
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace torch_bn_cpp {
-
 namespace {
 
 using at::Tensor;
+using at::vec::Vectorized;
 
-// Elements per parallel task: smaller inputs run on the calling thread (no thread wake-up).
+// Elements per parallel task at least: smaller inputs run on the calling thread.
 constexpr int64_t kGrain = 1 << 15;
+// Rows tiles: rows per tile and channels per tile.
+constexpr int64_t kTileRows = 32;
+constexpr int64_t kTileCols = 1024;
+// Planes tiles: values of one run per tile.
+constexpr int64_t kSegment = 2048;
 
-// x (N, C, *) seen as (N, C, L): N * C blocks of L values each, in memory order.
-struct Geometry {
-  int64_t n, c, l;
-  int64_t m() const { return n * l; }  // values per channel
+// Two vectors of op-math values, loaded from / stored to scalar_t memory; n < kSize reads only
+// the first n values (the rest are zero) and writes only the first n.
+template <typename scalar_t, typename = void>
+struct Pack {
+  using opmath_t = scalar_t;
+  using V = Vectorized<scalar_t>;
+  static constexpr int64_t kSize = 2 * V::size();
+  static inline void load(const scalar_t* p, V& a, V& b, int64_t n = kSize) {
+    if (n >= kSize) {
+      a = V::loadu(p);
+      b = V::loadu(p + V::size());
+    } else if (n > V::size()) {
+      a = V::loadu(p);
+      b = V::loadu(p + V::size(), n - V::size());
+    } else {
+      a = V::loadu(p, n);
+      b = V(scalar_t(0));
+    }
+  }
+  static inline void store(scalar_t* p, const V& a, const V& b, int64_t n = kSize) {
+    if (n >= kSize) {
+      a.store(p);
+      b.store(p + V::size());
+    } else if (n > V::size()) {
+      a.store(p);
+      b.store(p + V::size(), n - V::size());
+    } else {
+      a.store(p, n);
+    }
+  }
 };
 
-// The input in the memory order the loops read, and how they read it. A channels-last input
-// (N, *, C in memory) is N * H * W rows of C values: (N * H * W, C, 1), read in place, and the
-// output takes its layout, as PyTorch's; any other input is made contiguous, (N, C, L).
-struct Layout {
-  Tensor x;
-  Geometry g;
+// float16 / bfloat16: one vector of 16-bit values is two vectors of float.
+template <typename scalar_t>
+struct Pack<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
+  using opmath_t = float;
+  using V = Vectorized<float>;
+  using H = Vectorized<scalar_t>;
+  static constexpr int64_t kSize = H::size();
+  static_assert(kSize == 2 * V::size(), "a 16-bit vector holds two float vectors");
+  static inline void load(const scalar_t* p, V& a, V& b, int64_t n = kSize) {
+    const H h = n >= kSize ? H::loadu(p) : H::loadu(p, n);
+    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(h);
+  }
+  static inline void store(scalar_t* p, const V& a, const V& b, int64_t n = kSize) {
+    const H h = at::vec::convert_from_float<scalar_t>(a, b);
+    if (n >= kSize) {
+      h.store(p);
+    } else {
+      h.store(p, static_cast<int>(n));
+    }
+  }
+};
+
+// v with lanes [n, size) set to zero.
+template <typename V>
+inline V first(const V& v, int64_t n) {
+  return n >= V::size() ? v : V::set(V(0), v, std::max<int64_t>(n, 0));
+}
+
+template <typename V>
+inline double lane_sum(const V& v) {
+  using T = typename V::value_type;
+  __at_align__ T t[V::size()];
+  v.store(t);
+  double s = 0;
+  for (int64_t k = 0; k < V::size(); ++k) s += static_cast<double>(t[k]);
+  return s;
+}
+
+// Running statistics of one channel (or column): count, mean, centred sum of squares.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  // add() for a tile of nb values merged into a state of n values, with the factors every column
+  // of a rows tile shares (they all hold the same count): inv = 1 / nb, w = nb / (n + nb),
+  // cross = n * nb / (n + nb).
+  struct Factors {
+    double nb, inv, w, cross;
+    Factors(double n, double nb) : nb(nb), inv(1.0 / nb), w(nb / (n + nb)), cross(n * nb / (n + nb)) {}
+  };
+  inline void add(const Factors& f, double c, double s1, double s2) {
+    const double mb = c + s1 * f.inv;
+    const double m2b = s2 - s1 * (s1 * f.inv);
+    const double delta = mb - mean;
+    mean += delta * f.w;
+    m2 += m2b + delta * delta * f.cross;
+    n += f.nb;
+  }
+  // Merges a tile of nb values with centre c, s1 = sum(x - c), s2 = sum((x - c)^2).
+  inline void add(double nb, double c, double s1, double s2) {
+    const double mb = c + s1 / nb;
+    const double m2b = s2 - s1 * (s1 / nb);
+    merge(nb, mb, m2b);
+  }
+  inline void merge(double nb, double mb, double m2b) {
+    if (nb == 0) return;
+    const double total = n + nb;
+    const double delta = mb - mean;
+    mean += delta * (nb / total);
+    m2 += m2b + delta * delta * (n * nb / total);
+    n = total;
+  }
+};
+
+// How x lies in memory: rows (R, C) or planes (N, C, L), and the layout y and dx take.
+struct Geometry {
+  bool rows;
+  int64_t n, c, l;  // rows: (n = R, c = C, l = 1)
   at::MemoryFormat format;
 };
 
-Layout layout(const Tensor& input) {
-  const int64_t n = input.size(0), c = input.size(1);
-  const auto format = input.dim() >= 4 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
-  if (format != at::MemoryFormat::Contiguous && input.is_contiguous(format) && c > 0) {
-    return {input, {input.numel() / c, c, 1}, format};
-  }
-  return {input.contiguous(), {n, c, n * c == 0 ? 1 : input.numel() / (n * c)}, at::MemoryFormat::Contiguous};
-}
-
-// Runs f(c0, c1) over channel ranges, in parallel when the input is large enough to pay for it.
-template <typename F>
-void for_channels(const Geometry& g, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, g.m()));
-  at::parallel_for(0, g.c, grain, f);
-}
-
-// The per-channel loops below run over channels [c0, c1) of x seen as (N, C, L). When L == 1
-// (rows of C values, the (N, C) case) the innermost loop runs along the channels: independent
-// accumulators that the compiler vectorizes. Sums accumulate in double.
-
-// s[c] = sum(a)
-template <typename scalar_t>
-void channel_sum(const scalar_t* __restrict__ a, const Geometry& g, int64_t c0, int64_t c1,
-                 double* __restrict__ s) {
-  if (g.l == 1) {
-    for (int64_t c = c0; c < c1; ++c) s[c] = 0;
-    for (int64_t i = 0; i < g.n; ++i) {
-      const scalar_t* __restrict__ ar = a + i * g.c;
-      for (int64_t c = c0; c < c1; ++c) s[c] += static_cast<double>(ar[c]);
+Geometry geometry(const Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t l = n * c == 0 ? 1 : x.numel() / (n * c);
+  if (x.dim() >= 4) {
+    const auto format = x.suggest_memory_format();
+    if (format != at::MemoryFormat::Contiguous && x.is_contiguous(format) && c > 0) {
+      return {true, x.numel() / c, c, 1, format};
     }
-    return;
   }
-  for (int64_t c = c0; c < c1; ++c) {
-    double t = 0;
-    for (int64_t i = 0; i < g.n; ++i) {
-      const scalar_t* __restrict__ ap = a + (i * g.c + c) * g.l;
-      for (int64_t j = 0; j < g.l; ++j) t += static_cast<double>(ap[j]);
-    }
-    s[c] = t;
-  }
+  if (l == 1) return {true, n, c, 1, at::MemoryFormat::Contiguous};
+  return {false, n, c, l, at::MemoryFormat::Contiguous};
 }
 
-// s[c] = sum((a - ca[c]) * (b - cb[c]))
+// ---------------------------------------------------------------------------------------------
+// rows: (R, C) row-major
+
+// Moments of every column over rows [r0, r1), into st[0..C).
 template <typename scalar_t>
-void channel_dot(const scalar_t* __restrict__ a, const double* __restrict__ ca, const scalar_t* __restrict__ b,
-                 const double* __restrict__ cb, const Geometry& g, int64_t c0, int64_t c1,
-                 double* __restrict__ s) {
-  if (g.l == 1) {
-    for (int64_t c = c0; c < c1; ++c) s[c] = 0;
-    for (int64_t i = 0; i < g.n; ++i) {
-      const scalar_t* __restrict__ ar = a + i * g.c;
-      const scalar_t* __restrict__ br = b + i * g.c;
-      for (int64_t c = c0; c < c1; ++c) {
-        s[c] += (static_cast<double>(ar[c]) - ca[c]) * (static_cast<double>(br[c]) - cb[c]);
+void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, Moments* st) {
+  using P = Pack<scalar_t>;
+  using opmath_t = typename P::opmath_t;
+  using V = typename P::V;
+  constexpr int64_t kVecs = kTileCols / P::kSize + 1;
+  V acc_a[kVecs], acc_b[kVecs];
+  __at_align__ opmath_t c_buf[P::kSize], s1_buf[P::kSize], s2_buf[P::kSize];
+  for (int64_t i0 = r0; i0 < r1; i0 += kTileRows) {
+    const int64_t nb = std::min(kTileRows, r1 - i0);
+    const V inv(opmath_t(1) / static_cast<opmath_t>(nb));
+    const Moments::Factors factors(static_cast<double>(i0 - r0), static_cast<double>(nb));
+    for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
+      const int64_t wt = std::min(kTileCols, C - j0);
+      const int64_t nq = (wt + P::kSize - 1) / P::kSize;
+      // Pass 1, row by row (memory order): the tile's column sums.
+      for (int64_t q = 0; q < nq; ++q) acc_a[q] = acc_b[q] = V(opmath_t(0));
+      for (int64_t i = i0; i < i0 + nb; ++i) {
+        const scalar_t* xr = x + i * C + j0;
+        for (int64_t q = 0; q < nq; ++q) {
+          V a, b;
+          P::load(xr + q * P::kSize, a, b, wt - q * P::kSize);
+          acc_a[q] += a;
+          acc_b[q] += b;
+        }
+      }
+      // Pass 2, from cache, one vector of columns at a time: deviations from the tile's centre.
+      // (Lanes past the last column read zeros and have centre zero: they add nothing.)
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
+        const V ca = acc_a[q] * inv, cb = acc_b[q] * inv;
+        V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
+        const scalar_t* xc = x + j0 + q * P::kSize;
+        for (int64_t i = i0; i < i0 + nb; ++i) {
+          V a, b;
+          P::load(xc + i * C, a, b, cnt);
+          a = a - ca;
+          b = b - cb;
+          t1a += a;
+          t1b += b;
+          t2a = at::vec::fmadd(a, a, t2a);
+          t2b = at::vec::fmadd(b, b, t2b);
+        }
+        constexpr int64_t h = P::V::size();
+        ca.store(c_buf);
+        cb.store(c_buf + h);
+        t1a.store(s1_buf);
+        t1b.store(s1_buf + h);
+        t2a.store(s2_buf);
+        t2b.store(s2_buf + h);
+        Moments* s = st + j0 + q * P::kSize;
+        for (int64_t k = 0; k < cnt; ++k) {
+          s[k].add(factors, static_cast<double>(c_buf[k]), static_cast<double>(s1_buf[k]),
+                   static_cast<double>(s2_buf[k]));
+        }
       }
     }
-    return;
-  }
-  for (int64_t c = c0; c < c1; ++c) {
-    double t = 0;
-    for (int64_t i = 0; i < g.n; ++i) {
-      const scalar_t* __restrict__ ap = a + (i * g.c + c) * g.l;
-      const scalar_t* __restrict__ bp = b + (i * g.c + c) * g.l;
-      for (int64_t j = 0; j < g.l; ++j) {
-        t += (static_cast<double>(ap[j]) - ca[c]) * (static_cast<double>(bp[j]) - cb[c]);
-      }
-    }
-    s[c] = t;
   }
 }
 
-// out = alpha[c] * u + beta[c] * (x - mean[c]) + gamma[c] in opmath_t; without u (kWithU false)
-// the first term is left out. This one loop is the forward's y and the backward's dx.
+// y[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j] over rows [r0, r1); with kWithU,
+// y = alpha[j] * u[i, j] + ... (the backward's dx, u = dy, scale = b, shift = c).
 template <bool kWithU, typename scalar_t, typename opmath_t>
-void channel_affine(const scalar_t* __restrict__ u, const scalar_t* __restrict__ x, const Geometry& g,
-                    int64_t c0, int64_t c1, const opmath_t* __restrict__ alpha, const opmath_t* __restrict__ beta,
-                    const opmath_t* __restrict__ mean, const opmath_t* __restrict__ gamma,
-                    scalar_t* __restrict__ out) {
-  if (g.l == 1) {
-    for (int64_t i = 0; i < g.n; ++i) {
-      const int64_t row = i * g.c;
-      for (int64_t c = c0; c < c1; ++c) {
-        opmath_t v = beta[c] * (static_cast<opmath_t>(x[row + c]) - mean[c]) + gamma[c];
-        if constexpr (kWithU) v += alpha[c] * static_cast<opmath_t>(u[row + c]);
-        out[row + c] = static_cast<scalar_t>(v);
+void rows_affine(const scalar_t* u, const scalar_t* x, int64_t C, int64_t r0, int64_t r1, const opmath_t* alpha,
+                 const opmath_t* mean, const opmath_t* scale, const opmath_t* shift, scalar_t* out) {
+  using P = Pack<scalar_t>;
+  using V = typename P::V;
+  constexpr int64_t h = V::size();
+  for (int64_t i = r0; i < r1; ++i) {
+    const scalar_t* xr = x + i * C;
+    scalar_t* outr = out + i * C;
+    for (int64_t j = 0; j < C; j += P::kSize) {
+      const int64_t cnt = std::min(P::kSize, C - j);
+      V a, b;
+      P::load(xr + j, a, b, cnt);
+      V ya, yb;
+      if (cnt == P::kSize) {
+        ya = at::vec::fmadd(a - V::loadu(mean + j), V::loadu(scale + j), V::loadu(shift + j));
+        yb = at::vec::fmadd(b - V::loadu(mean + j + h), V::loadu(scale + j + h), V::loadu(shift + j + h));
+      } else {
+        const int64_t na = std::min(cnt, h), nb = std::max<int64_t>(cnt - h, 0);
+        ya = at::vec::fmadd(a - V::loadu(mean + j, na), V::loadu(scale + j, na), V::loadu(shift + j, na));
+        yb = nb > 0 ? at::vec::fmadd(b - V::loadu(mean + j + h, nb), V::loadu(scale + j + h, nb),
+                                     V::loadu(shift + j + h, nb))
+                    : V(opmath_t(0));
+      }
+      if constexpr (kWithU) {
+        V ua, ub;
+        P::load(u + i * C + j, ua, ub, cnt);
+        if (cnt == P::kSize) {
+          ya = at::vec::fmadd(V::loadu(alpha + j), ua, ya);
+          yb = at::vec::fmadd(V::loadu(alpha + j + h), ub, yb);
+        } else {
+          const int64_t na = std::min(cnt, h), nb = std::max<int64_t>(cnt - h, 0);
+          ya = at::vec::fmadd(V::loadu(alpha + j, na), ua, ya);
+          if (nb > 0) yb = at::vec::fmadd(V::loadu(alpha + j + h, nb), ub, yb);
+        }
+      }
+      P::store(outr + j, ya, yb, cnt);
+    }
+  }
+}
+
+// s1[j] += sum(dy[i, j]), s2[j] += sum(dy[i, j] * (x[i, j] - mean[j])) over rows [r0, r1).
+template <typename scalar_t, typename opmath_t>
+void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0, int64_t r1, const opmath_t* mean,
+                    double* s1, double* s2) {
+  using P = Pack<scalar_t>;
+  using V = typename P::V;
+  constexpr int64_t h = V::size();
+  constexpr int64_t kVecs = kTileCols / P::kSize + 1;
+  V a1[kVecs], b1[kVecs], a2[kVecs], b2[kVecs];
+  __at_align__ opmath_t buf1[P::kSize], buf2[P::kSize];
+  for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
+    const int64_t wt = std::min(kTileCols, C - j0);
+    const int64_t nq = (wt + P::kSize - 1) / P::kSize;
+    for (int64_t i0 = r0; i0 < r1; i0 += kTileRows) {
+      const int64_t i1 = std::min(r1, i0 + kTileRows);
+      for (int64_t q = 0; q < nq; ++q) a1[q] = b1[q] = a2[q] = b2[q] = V(opmath_t(0));
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t j = j0 + q * P::kSize, cnt = std::min(P::kSize, C - j);
+          V ga, gb, xa, xb;
+          P::load(dy + i * C + j, ga, gb, cnt);
+          P::load(x + i * C + j, xa, xb, cnt);
+          // Past the last column dy is zero, so the product is zero whatever the mean lanes hold.
+          const V ma = V::loadu(mean + j, std::min(cnt, h));
+          const V mb = cnt > h ? V::loadu(mean + j + h, cnt - h) : V(opmath_t(0));
+          a1[q] += ga;
+          b1[q] += gb;
+          a2[q] = at::vec::fmadd(ga, xa - ma, a2[q]);
+          b2[q] = at::vec::fmadd(gb, xb - mb, b2[q]);
+        }
+      }
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t j = j0 + q * P::kSize, cnt = std::min(P::kSize, C - j);
+        a1[q].store(buf1);
+        b1[q].store(buf1 + h);
+        a2[q].store(buf2);
+        b2[q].store(buf2 + h);
+        for (int64_t k = 0; k < cnt; ++k) {
+          s1[j + k] += static_cast<double>(buf1[k]);
+          s2[j + k] += static_cast<double>(buf2[k]);
+        }
       }
     }
-    return;
   }
-  for (int64_t i = 0; i < g.n; ++i) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t base = (i * g.c + c) * g.l;
-      const opmath_t al = kWithU ? alpha[c] : opmath_t(0), be = beta[c], mu = mean[c], ga = gamma[c];
-      for (int64_t j = 0; j < g.l; ++j) {
-        opmath_t v = be * (static_cast<opmath_t>(x[base + j]) - mu) + ga;
-        if constexpr (kWithU) v += al * static_cast<opmath_t>(u[base + j]);
-        out[base + j] = static_cast<scalar_t>(v);
+}
+
+// How many row chunks to split R rows of C values into (one per thread at most).
+int64_t row_chunks(int64_t R, int64_t C) {
+  const int64_t by_size = std::max<int64_t>(1, R * C / kGrain);
+  const int64_t by_rows = std::max<int64_t>(1, R / kTileRows);
+  return std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), by_size, by_rows});
+}
+
+template <typename F>
+void for_chunks(int64_t chunks, const F& f) {
+  if (chunks <= 1) {
+    f(0, chunks);
+  } else {
+    at::parallel_for(0, chunks, 1, f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// planes: (N, C, L), L > 1
+
+// Merges the moments of one channel's N runs of L values (run i at p + i * stride) into st. A tile
+// is a group of whole runs of up to kSegment values together, or a segment of one long run.
+template <typename scalar_t>
+void plane_moments(const scalar_t* p, int64_t N, int64_t L, int64_t stride, Moments& st) {
+  using P = Pack<scalar_t>;
+  using opmath_t = typename P::opmath_t;
+  using V = typename P::V;
+  constexpr int64_t h = V::size();
+  const int64_t group = std::max<int64_t>(1, kSegment / std::max<int64_t>(L, 1));
+  const int64_t seg = std::min(L, kSegment);
+  for (int64_t i0 = 0; i0 < N; i0 += group) {
+    const int64_t i1 = std::min(N, i0 + group);
+    for (int64_t s0 = 0; s0 < L; s0 += seg) {
+      const int64_t len = std::min(seg, L - s0);
+      V sa(opmath_t(0)), sb(opmath_t(0));
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* q = p + i * stride + s0;
+        for (int64_t k = 0; k < len; k += P::kSize) {
+          V a, b;
+          P::load(q + k, a, b, len - k);
+          sa += a;
+          sb += b;
+        }
       }
+      const double nb = static_cast<double>((i1 - i0) * len);
+      const opmath_t c = static_cast<opmath_t>(lane_sum(sa + sb) / nb);
+      const V cv(c);
+      V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* q = p + i * stride + s0;
+        for (int64_t k = 0; k < len; k += P::kSize) {
+          const int64_t cnt = std::min(P::kSize, len - k);
+          V a, b;
+          P::load(q + k, a, b, cnt);
+          a = a - cv;
+          b = b - cv;
+          if (cnt < P::kSize) {  // lanes past the run read zeros: no deviation there
+            a = first(a, cnt);
+            b = first(b, cnt - h);
+          }
+          t1a += a;
+          t1b += b;
+          t2a = at::vec::fmadd(a, a, t2a);
+          t2b = at::vec::fmadd(b, b, t2b);
+        }
+      }
+      st.add(nb, static_cast<double>(c), lane_sum(t1a + t1b), lane_sum(t2a + t2b));
     }
   }
+}
+
+// out = (x - mean) * scale + shift over a run; with kWithU, + alpha * u.
+template <bool kWithU, typename scalar_t, typename opmath_t>
+void run_affine(const scalar_t* u, const scalar_t* x, int64_t len, opmath_t alpha, opmath_t mean, opmath_t scale,
+                opmath_t shift, scalar_t* out) {
+  using P = Pack<scalar_t>;
+  using V = typename P::V;
+  const V al(alpha), mu(mean), sc(scale), sh(shift);
+  for (int64_t k = 0; k < len; k += P::kSize) {
+    const int64_t cnt = std::min(P::kSize, len - k);
+    V a, b;
+    P::load(x + k, a, b, cnt);
+    V ya = at::vec::fmadd(a - mu, sc, sh), yb = at::vec::fmadd(b - mu, sc, sh);
+    if constexpr (kWithU) {
+      V ua, ub;
+      P::load(u + k, ua, ub, cnt);
+      ya = at::vec::fmadd(al, ua, ya);
+      yb = at::vec::fmadd(al, ub, yb);
+    }
+    P::store(out + k, ya, yb, cnt);
+  }
+}
+
+// s1 = sum(dy), s2 = sum(dy * (x - mean)) over one channel's N runs of L values (float over
+// tiles as in plane_moments, double across them).
+template <typename scalar_t, typename opmath_t>
+void plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t N, int64_t L, int64_t stride, opmath_t mean,
+                     double& s1, double& s2) {
+  using P = Pack<scalar_t>;
+  using V = typename P::V;
+  const V mu(mean);
+  const int64_t group = std::max<int64_t>(1, kSegment / std::max<int64_t>(L, 1));
+  const int64_t seg = std::min(L, kSegment);
+  s1 = s2 = 0;
+  for (int64_t i0 = 0; i0 < N; i0 += group) {
+    const int64_t i1 = std::min(N, i0 + group);
+    for (int64_t s0 = 0; s0 < L; s0 += seg) {
+      const int64_t len = std::min(seg, L - s0);
+      V a1(opmath_t(0)), b1(opmath_t(0)), a2(opmath_t(0)), b2(opmath_t(0));
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t o = i * stride + s0;
+        for (int64_t k = 0; k < len; k += P::kSize) {
+          const int64_t cnt = std::min(P::kSize, len - k);
+          V ga, gb, xa, xb;
+          P::load(dy + o + k, ga, gb, cnt);
+          P::load(x + o + k, xa, xb, cnt);
+          a1 += ga;
+          b1 += gb;
+          a2 = at::vec::fmadd(ga, xa - mu, a2);  // zero past the run: dy reads zeros there
+          b2 = at::vec::fmadd(gb, xb - mu, b2);
+        }
+      }
+      s1 += lane_sum(a1 + b1);
+      s2 += lane_sum(a2 + b2);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Per-channel output of the statistics: mean, biased var, rstd, and the coefficients of y.
+template <typename opmath_t>
+struct ChannelOut {
+  opmath_t *mean, *var, *rstd, *scale, *shift;
+  const opmath_t *weight, *bias;
+  double eps;
+  void set(int64_t c, const Moments& m) {
+    const double var_c = m.n > 0 ? std::max(m.m2 / m.n, 0.0) : std::numeric_limits<double>::quiet_NaN();
+    const double mean_c = m.n > 0 ? m.mean : std::numeric_limits<double>::quiet_NaN();
+    const double r = 1.0 / std::sqrt(var_c + eps);
+    const opmath_t mean_f = static_cast<opmath_t>(mean_c);
+    const double sc = weight ? r * static_cast<double>(weight[c]) : r;
+    mean[c] = mean_f;
+    var[c] = static_cast<opmath_t>(var_c);
+    rstd[c] = static_cast<opmath_t>(r);
+    scale[c] = static_cast<opmath_t>(sc);
+    // y = (x - mean_f) * scale + shift = (x - mean) * scale + bias.
+    shift[c] = static_cast<opmath_t>((bias ? static_cast<double>(bias[c]) : 0.0) -
+                                     (mean_c - static_cast<double>(mean_f)) * sc);
+  }
+};
+
+Tensor channel_vector(const Tensor& v, at::ScalarType dtype) {
+  return v.defined() ? v.to(dtype).contiguous() : Tensor();
 }
 
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(const Tensor& input, const Tensor& weight,
                                                           const Tensor& bias, double eps) {
-  const Layout in = layout(input);
-  const Tensor& x = in.x;
-  const Geometry g = in.g;
+  TORCH_CHECK(input.device().is_cpu() && input.dim() >= 2 && at::isFloatingType(input.scalar_type()),
+              "torch_bn forward_kernel expects a (N, C, *) floating CPU tensor, got ", input.scalar_type(), " ",
+              input.sizes(), " on ", input.device());
+  const Geometry g = geometry(input);
+  const Tensor x = g.rows && g.format != at::MemoryFormat::Contiguous ? input : input.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
-  Tensor y = at::empty_like(x, in.format);
-  Tensor mean = at::empty({g.c}, x.options().dtype(acc));
-  Tensor var = at::empty({g.c}, x.options().dtype(acc));
-  Tensor rstd = at::empty({g.c}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_cpp::forward_kernel", [&] {
+  const Tensor w = channel_vector(weight, acc), b = channel_vector(bias, acc);
+  const int64_t C = g.c;
+  TORCH_CHECK(!w.defined() || w.numel() == C, "weight has ", w.numel(), " elements, expected ", C);
+  TORCH_CHECK(!b.defined() || b.numel() == C, "bias has ", b.numel(), " elements, expected ", C);
+  Tensor y = at::empty_like(x, g.format);
+  Tensor mean = at::empty({C}, x.options().dtype(acc));
+  Tensor var = at::empty({C}, x.options().dtype(acc));
+  Tensor rstd = at::empty({C}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_forward_kernel", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    opmath_t* mp = mean.mutable_data_ptr<opmath_t>();
-    opmath_t* vp = var.mutable_data_ptr<opmath_t>();
-    opmath_t* rp = rstd.mutable_data_ptr<opmath_t>();
-    const opmath_t* wp = weight.defined() ? weight.const_data_ptr<opmath_t>() : nullptr;
-    const opmath_t* bp = bias.defined() ? bias.const_data_ptr<opmath_t>() : nullptr;
-    const double m = static_cast<double>(g.m());
-    std::vector<double> center(g.c), s1(g.c), s2(g.c);
-    std::vector<opmath_t> scale(g.c), shift(g.c);
-    for_channels(g, [&](int64_t c0, int64_t c1) {
-      // Two passes: the mean (s1 / M), then the sum of squared deviations from it (s2).
-      channel_sum(xp, g, c0, c1, s1.data());
-      for (int64_t c = c0; c < c1; ++c) center[c] = s1[c] / m;
-      channel_dot(xp, center.data(), xp, center.data(), g, c0, c1, s2.data());
-      for (int64_t c = c0; c < c1; ++c) {
-        const double v = s2[c] / m;
-        mp[c] = static_cast<opmath_t>(center[c]);
-        vp[c] = static_cast<opmath_t>(v);
-        rp[c] = static_cast<opmath_t>(1.0 / std::sqrt(v + eps));
-        scale[c] = wp ? rp[c] * wp[c] : rp[c];
-        shift[c] = bp ? bp[c] : opmath_t(0);
+    std::vector<opmath_t> scale(C), shift(C);
+    ChannelOut<opmath_t> out{mean.mutable_data_ptr<opmath_t>(), var.mutable_data_ptr<opmath_t>(),
+                             rstd.mutable_data_ptr<opmath_t>(), scale.data(), shift.data(),
+                             w.defined() ? w.const_data_ptr<opmath_t>() : nullptr,
+                             b.defined() ? b.const_data_ptr<opmath_t>() : nullptr, eps};
+    if (g.rows) {
+      const int64_t R = g.n;
+      const int64_t chunks = row_chunks(R, C);
+      std::vector<Moments> st(std::max<int64_t>(chunks, 1) * C);
+      for_chunks(chunks, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          rows_moments(xp, C, k * R / chunks, (k + 1) * R / chunks, st.data() + k * C);
+        }
+      });
+      for (int64_t c = 0; c < C; ++c) {
+        Moments m = st[c];
+        for (int64_t k = 1; k < chunks; ++k) {
+          const Moments& o = st[k * C + c];
+          m.merge(o.n, o.mean, o.m2);
+        }
+        out.set(c, m);
       }
-      channel_affine<false>(xp, xp, g, c0, c1, scale.data(), scale.data(), mp, shift.data(), yp);
-    });
+      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
+      at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+        rows_affine<false>(xp, xp, C, r0, r1, out.scale, out.mean, out.scale, out.shift, yp);
+      });
+    } else {
+      const int64_t N = g.n, L = g.l;
+      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1));
+      at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          Moments m;
+          plane_moments(xp + c * L, N, L, C * L, m);
+          out.set(c, m);
+          for (int64_t i = 0; i < N; ++i) {
+            const int64_t o = (i * C + c) * L;
+            run_affine<false>(xp, xp + o, L, opmath_t(0), out.mean[c], out.scale[c], out.shift[c], yp + o);
+          }
+        }
+      });
+    }
   });
   return {y, mean, var, rstd};
 }
 
-// The closed form (docs/derivation.md) with g = rstd * weight, M values per channel:
-//   dbias = sum(dy),  dweight = rstd * sum(dy * (x - mean)),
-//   dx = g * dy - g * rstd * dweight / M * (x - mean) - g * dbias / M.
 std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& grad, const Tensor& input, const Tensor& weight,
-                                                   const Tensor& mean, const Tensor& rstd, bool need_dx) {
-  const Layout in = layout(input);
-  const Tensor& x = in.x;
-  const Geometry g = in.g;
-  const Tensor dy = grad.contiguous(in.format);
+                                                   const Tensor& mean_in, const Tensor& rstd_in, bool need_dx) {
+  TORCH_CHECK(grad.sizes() == input.sizes(), "torch_bn backward_kernel: the gradient's shape ", grad.sizes(),
+              " differs from the input's ", input.sizes());
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "torch_bn backward_kernel: the gradient's dtype ",
+              grad.scalar_type(), " differs from the input's ", input.scalar_type());
+  const Geometry g = geometry(input);
+  const Tensor x = g.rows && g.format != at::MemoryFormat::Contiguous ? input : input.contiguous();
+  const Tensor dy = grad.contiguous(g.format);
   const auto acc = at::toOpMathType(x.scalar_type());
-  Tensor dweight = at::empty({g.c}, x.options().dtype(acc));
-  Tensor dbias = at::empty({g.c}, x.options().dtype(acc));
-  Tensor dx = need_dx ? at::empty_like(x, in.format) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_cpp::backward_kernel", [&] {
+  const Tensor w = channel_vector(weight, acc);
+  const Tensor mean = channel_vector(mean_in, acc), rstd = channel_vector(rstd_in, acc);
+  const int64_t C = g.c;
+  Tensor dweight = at::empty({C}, x.options().dtype(acc));
+  Tensor dbias = at::empty({C}, x.options().dtype(acc));
+  Tensor dx = need_dx ? at::empty_like(x, g.format) : Tensor();
+  const double M = static_cast<double>(C == 0 ? 0 : x.numel() / C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_backward_kernel", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const opmath_t* mp = mean.const_data_ptr<opmath_t>();
     const opmath_t* rp = rstd.const_data_ptr<opmath_t>();
-    const opmath_t* wp = weight.defined() ? weight.const_data_ptr<opmath_t>() : nullptr;
+    const opmath_t* wp = w.defined() ? w.const_data_ptr<opmath_t>() : nullptr;
     opmath_t* dwp = dweight.mutable_data_ptr<opmath_t>();
     opmath_t* dbp = dbias.mutable_data_ptr<opmath_t>();
-    const double m = static_cast<double>(g.m());
-    std::vector<double> center(g.c), zero(g.c, 0.0), s1(g.c), s2(g.c);
-    std::vector<opmath_t> alpha(g.c), beta(g.c), gamma(g.c);
-    for_channels(g, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) center[c] = static_cast<double>(mp[c]);
-      // s1 = sum(dy), s2 = sum(dy * (x - mean)).
-      channel_sum(dyp, g, c0, c1, s1.data());
-      channel_dot(dyp, zero.data(), xp, center.data(), g, c0, c1, s2.data());
-      for (int64_t c = c0; c < c1; ++c) {
-        const double r = static_cast<double>(rp[c]);
-        const double gc = wp ? r * static_cast<double>(wp[c]) : r;
-        dbp[c] = static_cast<opmath_t>(s1[c]);
-        dwp[c] = static_cast<opmath_t>(r * s2[c]);
-        alpha[c] = static_cast<opmath_t>(gc);
-        beta[c] = static_cast<opmath_t>(-gc * r * r * s2[c] / m);
-        gamma[c] = static_cast<opmath_t>(-gc * s1[c] / m);
+    scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    std::vector<opmath_t> alpha(C), beta(C), gamma(C);
+    // dbias, dweight and dx's coefficients from the sums of one channel.
+    auto finish = [&](int64_t c, double s1, double s2) {
+      const double r = static_cast<double>(rp[c]);
+      const double gc = wp ? r * static_cast<double>(wp[c]) : r;
+      dbp[c] = static_cast<opmath_t>(s1);
+      dwp[c] = static_cast<opmath_t>(r * s2);
+      alpha[c] = static_cast<opmath_t>(gc);
+      beta[c] = static_cast<opmath_t>(-gc * r * r * s2 / M);
+      gamma[c] = static_cast<opmath_t>(-gc * s1 / M);
+    };
+    if (g.rows) {
+      const int64_t R = g.n;
+      const int64_t chunks = row_chunks(R, C);
+      std::vector<double> s1(std::max<int64_t>(chunks, 1) * C, 0.0), s2(std::max<int64_t>(chunks, 1) * C, 0.0);
+      for_chunks(chunks, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          rows_grad_sums(dyp, xp, C, k * R / chunks, (k + 1) * R / chunks, mp, s1.data() + k * C,
+                         s2.data() + k * C);
+        }
+      });
+      for (int64_t c = 0; c < C; ++c) {
+        double t1 = s1[c], t2 = s2[c];
+        for (int64_t k = 1; k < chunks; ++k) {
+          t1 += s1[k * C + c];
+          t2 += s2[k * C + c];
+        }
+        finish(c, t1, t2);
       }
       if (need_dx) {
-        channel_affine<true>(dyp, xp, g, c0, c1, alpha.data(), beta.data(), mp, gamma.data(),
-                             dx.mutable_data_ptr<scalar_t>());
+        const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
+        at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+          rows_affine<true>(dyp, xp, C, r0, r1, alpha.data(), mp, beta.data(), gamma.data(), dxp);
+        });
       }
-    });
+    } else {
+      const int64_t N = g.n, L = g.l;
+      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1));
+      at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double t1, t2;
+          plane_grad_sums(dyp + c * L, xp + c * L, N, L, C * L, mp[c], t1, t2);
+          finish(c, t1, t2);
+          if (need_dx) {
+            for (int64_t i = 0; i < N; ++i) {
+              const int64_t o = (i * C + c) * L;
+              run_affine<true>(dyp + o, xp + o, L, alpha[c], mp[c], beta[c], gamma[c], dxp + o);
+            }
+          }
+        }
+      });
+    }
   });
   return {dx, dweight, dbias};
 }
