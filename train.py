@@ -5,6 +5,10 @@
     python train.py --experiment deep                             # the notebook's section 2 (+ figure)
     python train.py --experiment weight-scale                     # the notebook's section 3 (+ figure)
     python train.py --experiment weight-scale --vectorized        # the same, all 40 runs at once (vmap)
+    python train.py --experiment batch-size                       # batch norm at batch 5, 10, 50 (+ renorm,
+                                                                  #   ghost batch norm, layer norm; + figures)
+    python train.py --norm ghost --virtual-batch-size 10          # ghost batch norm: statistics over 10 samples
+    python train.py --compare --norms torch_bn,renorm,layernorm   # any normalizations side by side
     python train.py --resume runs/NAME [--epochs N]               # continue an interrupted run, or extend one
     torchrun --nproc_per_node=2 train.py --batchnorm --sync-bn    # data-parallel, BN over the global batch
     tensorboard --logdir runs/NAME                                # a launch's dashboards (the folder it printed)
@@ -24,7 +28,8 @@ from dataclasses import MISSING, asdict, fields, replace
 
 # Only what checks a launch is imported here: nothing that imports torch, so that --help and a
 # refused launch answer at once. The training modules are imported once the launch is accepted.
-from cifar_bn.config import (DEVICES, NORM_ALIASES, NORMS, OPTIMIZERS, PRESETS, TrainConfig, canonical_norm,
+from cifar_bn.config import (COMPARE_NORMS, DEVICES, NORM_ALIASES, NORMS, OPTIMIZERS, PRESETS, TrainConfig,
+                             canonical_norm, with_norm,
                              check_launch, check_vectorized, is_main_process)
 from cifar_bn.runs import (RUN_FILE, DamagedRunError, RunExistsError, check_readable, keep_aside, read_json,
                            write_json)
@@ -41,6 +46,8 @@ MODE_SETS = {
     "deep": ({"batchnorm", "norm"}, "trains batch norm (torch_bn) and no normalization"),
     "weight-scale": ({"batchnorm", "norm", "weight_scale"},
                      "trains batch norm (torch_bn) and no normalization at weight scales 1e-4 to 1"),
+    "batch-size": ({"batchnorm", "norm", "batch_size", "virtual_batch_size", "renorm_warmup"},
+                   "trains every normalization at batch sizes 5, 10 and 50 with its own options"),
 }
 
 
@@ -76,6 +83,17 @@ def layer_widths(text: str) -> tuple[int, ...]:
     return dims
 
 
+def norm_list(text: str) -> tuple[str, ...]:
+    try:
+        norms = tuple(canonical_norm(n.strip()) for n in text.split(","))
+    except ValueError:
+        norms = ()
+    if not norms or len(set(norms)) != len(norms):
+        raise argparse.ArgumentTypeError(f"expected distinct normalizations from {', '.join(NORMS)} separated by "
+                                         f"commas, such as torch_bn,renorm,none; got {text!r}")
+    return norms
+
+
 def default(name: str) -> str:
     """A one-run setting's default, as --help shows it."""
     f = next(f for f in fields(TrainConfig) if f.name == name)
@@ -89,8 +107,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--batchnorm", action="store_true", help="use torch_bn.BatchNorm1d (same as --norm torch_bn)")
     what.add_argument("--norm", choices=NORMS + tuple(NORM_ALIASES),
                       help="normalization after each hidden Linear: torch_bn.BatchNorm1d, nn.BatchNorm1d "
-                           "(torch is an alias of nn) or none (the default)")
+                           "(torch is an alias of nn), none (the default), renorm (torch_bn.BatchRenorm1d), "
+                           "ghost (torch_bn.GhostBatchNorm1d; needs --virtual-batch-size) or layernorm (nn.LayerNorm)")
+    what.add_argument("--virtual-batch-size", type=positive_int,
+                      help="--norm ghost: batch statistics over chunks of this many samples (at least 2)")
+    what.add_argument("--renorm-warmup", type=int, metavar="STEPS",
+                      help="--norm renorm: steps of plain batch norm before the correction by the running "
+                           "statistics starts (default: one epoch)")
     what.add_argument("--compare", action="store_true", help="train torch_bn, nn and none into one dashboard")
+    what.add_argument("--norms", type=norm_list, help="--compare: the normalizations to compare, e.g. "
+                      f"torch_bn,renorm,ghost,layernorm,none (default {','.join(COMPARE_NORMS)})")
     what.add_argument("--experiment", choices=sorted(PRESETS), help="an experiment of the notebook with its settings")
     what.add_argument("--num-scales", type=positive_int,
                       help=f"weight scales in --experiment weight-scale (default {NUM_SCALES})")
@@ -150,6 +176,8 @@ def plan_from_args(args: argparse.Namespace) -> dict:
     if args.vectorized and mode != "weight-scale":
         raise UsageError("--vectorized trains the runs of --experiment weight-scale together; add that, or drop --vectorized")
     check_mode_flags(args, mode)
+    if args.norms is not None and mode != "compare":
+        raise UsageError("--norms lists the normalizations of --compare; add --compare, or use --norm for one run")
     settings = dict(PRESETS.get(args.experiment, {}))
     num_train = settings.pop("num_train", None)
     if args.num_train is not None:
@@ -159,14 +187,29 @@ def plan_from_args(args: argparse.Namespace) -> dict:
         if value is not None:
             settings[f.name] = value
     settings["norm"] = "torch_bn" if args.batchnorm else (args.norm or "none")
+    norms = None
+    if mode == "compare":  # the base config has no norm; each compared norm gets its options (checked here)
+        norms = args.norms or COMPARE_NORMS
+        for flag, norm in (("virtual_batch_size", "ghost"), ("renorm_warmup", "renorm")):
+            if getattr(args, flag) is not None and norm not in norms:
+                raise UsageError(f"--{flag.replace('_', '-')} is an option of {norm}, which --compare does not "
+                                 f"train here; add {norm} to --norms or drop --{flag.replace('_', '-')}")
+        for name in ("virtual_batch_size", "renorm_warmup"):
+            settings.pop(name, None)
+        for norm in norms:
+            with_norm(TrainConfig(**settings), norm, args.virtual_batch_size, args.renorm_warmup)
     config = TrainConfig(**settings)
     if args.vectorized:  # before anything is written: a refused launch leaves nothing
         check_vectorized([replace(config, norm=norm) for norm in ("torch_bn", "none")])
-    return {"mode": mode, "config": asdict(config), "num_scales": args.num_scales or NUM_SCALES,
+    plan = {"mode": mode, "config": asdict(config), "num_scales": args.num_scales or NUM_SCALES,
             "vectorized": args.vectorized,
             "data": {"data_dir": args.data_dir or DATA_DEFAULTS["data_dir"], "verify": not args.no_verify,
                      "num_train": num_train, "num_val": args.num_val or DATA_DEFAULTS["num_val"],
                      "num_test": args.num_test or DATA_DEFAULTS["num_test"]}}
+    if norms is not None:
+        plan["compare"] = {"norms": list(norms), "virtual_batch_size": args.virtual_batch_size,
+                           "renorm_warmup": args.renorm_warmup}
+    return plan
 
 
 def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
@@ -191,6 +234,12 @@ def check_resume_flags(args: argparse.Namespace, plan: dict, root: str) -> None:
             same, has = plan["mode"] == value, f"the {plan['mode']} mode"
         elif key in d:
             same, has = d[key] == value, d[key] if d[key] is not None else "the default"
+        elif key == "norms":
+            has = plan.get("compare", {}).get("norms", list(COMPARE_NORMS))
+            same = plan["mode"] == "compare" and list(has) == list(value)
+        elif key in ("virtual_batch_size", "renorm_warmup") and plan["mode"] == "compare":
+            has = plan.get("compare", {}).get(key)
+            same = has == value
         elif key == "num_scales":
             same, has = plan["num_scales"] == value, plan["num_scales"]
         elif key == "vectorized":
@@ -237,9 +286,16 @@ def launch(plan: dict, data, root: str, progress: bool, resume: bool) -> dict:
     if mode == "single":
         return {config.norm: run(config, data, root, progress=progress, resume=resume)}
     if mode == "compare":
-        return experiments.compare(config, data, root, progress=progress, resume=resume)
+        options = plan.get("compare", {})
+        return experiments.compare(config, data, root, progress=progress, resume=resume,
+                                   norms=tuple(options.get("norms", COMPARE_NORMS)),
+                                   virtual_batch_size=options.get("virtual_batch_size"),
+                                   renorm_warmup=options.get("renorm_warmup"))
     if mode == "deep":
         return experiments.deep(config, data, root, progress=progress, resume=resume)
+    if mode == "batch-size":
+        results = experiments.batch_size(config, data, root, progress=progress, resume=resume)
+        return {f"bs{b}/{method}": s for method, by_batch in results.items() for b, s in by_batch.items()}
     if mode != "weight-scale":
         raise ValueError(f"unknown mode {mode!r} in the launch plan; expected single, compare, "
                          f"{' or '.join(sorted(PRESETS))}")

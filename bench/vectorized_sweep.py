@@ -42,9 +42,9 @@ def _sweep(vectorized: bool, args: dict, root: str, queue) -> None:
 
     from cifar_bn import experiments
     from cifar_bn.data import load_cifar10
-    from cifar_bn.training import TrainConfig
+    from cifar_bn.config import PRESETS, TrainConfig
 
-    preset = dict(experiments.PRESETS["weight-scale"])
+    preset = dict(PRESETS["weight-scale"])
     num_train = preset.pop("num_train")
     data = load_cifar10(args["data_dir"], num_train, verify=args["verify"])
     config = replace(TrainConfig(**preset), device="cpu")

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
-NORMS = ("torch_bn", "nn", "none")
+# After each hidden Linear: torch_bn.BatchNorm1d, nn.BatchNorm1d, nothing, torch_bn's batch
+# renormalization, torch_bn's ghost batch norm (statistics over chunks of virtual_batch_size
+# samples), or nn.LayerNorm (statistics over each sample's features: no batch dependence).
+NORMS = ("torch_bn", "nn", "none", "renorm", "ghost", "layernorm")
 NORM_ALIASES = {"torch": "nn"}  # "torch" reads like the whole library; accepted, stored as "nn"
+# --compare's default, in the order the runs start: TensorBoard colours runs by that order, so this
+# is the start of cifar_bn.figures.COMPARE_ORDER (a test keeps them equal) and the figures' colours
+# are the charts'.
+COMPARE_NORMS = ("torch_bn", "none", "nn")
+# Batch renormalization's clipping: the paper's final values (Ioffe 2017, rmax 3 and dmax 5, reached
+# there by a ramp from 1 and 0), which are torch_bn's defaults. The layer takes fixed limits after a
+# warm-up of plain batch norm (TrainConfig.renorm_warmup, in steps).
+RENORM_RMAX, RENORM_DMAX = 3.0, 5.0
 OPTIMIZERS = ("adam", "sgd", "sgd_momentum", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -22,6 +33,10 @@ PRESETS = {
                  num_train=1000),
     "weight-scale": dict(hidden_dims=(50,) * 7, epochs=10, batch_size=50, optimizer="adam", lr=1e-3,
                          num_train=1000),
+    # The later editions' batch-size section: section 2's network at Adam 10^-3.5; the experiment
+    # sets the batch size of each run (cifar_bn.batch_size).
+    "batch-size": dict(hidden_dims=(100,) * 5, weight_scale=2e-2, epochs=10, batch_size=50, optimizer="adam",
+                       lr=10 ** -3.5, num_train=1000),
 }
 
 VECTORIZED_NORMS = ("torch_bn", "none")  # layers that run without side effects under vmap
@@ -33,6 +48,24 @@ def canonical_norm(norm: str) -> str:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)} (or torch, an alias of nn), got {norm!r}")
     return norm
+
+
+def check_norm_options(norm: str, virtual_batch_size: int | None, renorm_warmup: int) -> None:
+    """ValueError unless the options fit the norm: a virtual batch size of at least 2 for "ghost" and
+    only there; a non-negative renorm_warmup, other than 0 only for "renorm"."""
+    if norm == "ghost":
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
+            given = "none was given" if virtual_batch_size is None else f"got {virtual_batch_size}"
+            raise ValueError(f"ghost batch norm normalizes chunks of virtual_batch_size samples, at least 2 "
+                             f"(one sample has no variance): pass --virtual-batch-size V; {given}")
+    elif virtual_batch_size is not None:
+        raise ValueError(f"a virtual batch size is ghost batch norm's (--norm ghost), but norm is {norm!r}; "
+                         f"drop --virtual-batch-size or use --norm ghost")
+    if isinstance(renorm_warmup, bool) or not isinstance(renorm_warmup, int) or renorm_warmup < 0:
+        raise ValueError(f"renorm_warmup is a number of steps, zero or more, got {renorm_warmup}")
+    if renorm_warmup and norm != "renorm":
+        raise ValueError(f"a renormalization warm-up is batch renormalization's (--norm renorm), but norm is "
+                         f"{norm!r}; drop --renorm-warmup or use --norm renorm")
 
 
 @dataclass
@@ -52,6 +85,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     sync_bn: bool = False  # batch norm over the global batch of all torchrun processes (cifar_bn.distributed)
+    virtual_batch_size: int | None = None  # norm "ghost": statistics over chunks of this many samples
+    renorm_warmup: int | None = None  # norm "renorm": steps of plain batch norm first (None: one epoch)
 
     def __post_init__(self) -> None:
         """Check every field, so that a bad configuration fails before anything is written."""
@@ -82,6 +117,34 @@ class TrainConfig:
             raise ValueError(f"reg (the L2 penalty) must be zero or positive, got {self.reg}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        check_norm_options(self.norm, self.virtual_batch_size, self.renorm_warmup or 0)
+        if self.renorm_warmup is not None and self.norm != "renorm":
+            raise ValueError(f"a renormalization warm-up is batch renormalization's (--norm renorm), but norm is "
+                             f"{self.norm!r}; drop --renorm-warmup or use --norm renorm")
+        if self.virtual_batch_size is not None:
+            if self.virtual_batch_size > self.batch_size:
+                raise ValueError(f"--virtual-batch-size {self.virtual_batch_size} is larger than the batch of "
+                                 f"{self.batch_size}; ghost batch norm splits each batch into chunks of that size "
+                                 f"(one chunk of the whole batch is --norm torch_bn)")
+            if self.batch_size % self.virtual_batch_size == 1:
+                raise ValueError(f"batch {self.batch_size} in chunks of {self.virtual_batch_size} leaves a last "
+                                 f"chunk of one sample, which has no variance; choose a virtual batch size that "
+                                 f"divides the batch (or leaves at least 2)")
+
+    def resolved(self, num_train: int) -> "TrainConfig":
+        """This config with the defaults that depend on the data made explicit: batch
+        renormalization's warm-up None becomes one epoch's iterations (num_train // batch_size)."""
+        if self.norm == "renorm" and self.renorm_warmup is None:
+            return replace(self, renorm_warmup=num_train // self.batch_size)
+        return self
+
+
+def with_norm(config: TrainConfig, norm: str, virtual_batch_size: int | None = None,
+              renorm_warmup: int | None = None) -> TrainConfig:
+    """config with ``norm`` and that norm's options only: the virtual batch size for "ghost", the
+    warm-up for "renorm" (the other norm's option dropped)."""
+    return replace(config, norm=norm, virtual_batch_size=virtual_batch_size if norm == "ghost" else None,
+                   renorm_warmup=renorm_warmup if norm == "renorm" else None)
 
 
 # The fields a batch of vectorized runs must share: every one but these.
@@ -130,6 +193,9 @@ def check_launch(mode: str, norm: str, sync_bn: bool, device: str) -> None:
                          "torchrun --nproc_per_node=K train.py ... (or leave out --sync-bn)")
     if sync_bn and norm == "none":
         raise ValueError("--sync-bn synchronizes batch norm, but the model has none; add --batchnorm")
+    if sync_bn and norm in ("renorm", "ghost", "layernorm"):
+        raise ValueError(f"--sync-bn synchronizes plain batch norm; --norm {norm} has no synchronized form here "
+                         f"(layer norm needs none; ghost batch norm's chunks are per process): drop --sync-bn")
     if sync_bn and norm == "nn" and device not in ("cuda", "auto"):
         raise ValueError("--sync-bn with --norm nn uses nn.SyncBatchNorm, which runs only on GPUs; on CPU "
                          "use --batchnorm (torch_bn.SyncBatchNorm)")

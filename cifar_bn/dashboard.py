@@ -55,6 +55,8 @@ HPARAM_DOMAINS: dict[str, hp.Domain | None] = {
     "lr_decay": hp.RealInterval(0.0, 10.0),
     "device": hp.Discrete(["cpu", "cuda"]),
     "sync_bn": hp.Discrete([False, True]),
+    "virtual_batch_size": hp.IntInterval(1, 50_000),  # norm "ghost" only (at most the batch)
+    "renorm_warmup": hp.IntInterval(0, 2**31 - 1),  # norm "renorm" only: steps of plain batch norm first
 }
 # What the experiments vary, marked `differs`: HParams sorts the declared hparams by `differs`,
 # then by name, and ticks the first five, so these are always shown.

@@ -16,7 +16,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .config import TrainConfig
+from . import batch_size as batch_sizes
+from .config import COMPARE_NORMS, TrainConfig, with_norm
 from .dashboard import RunLogger
 from .data import CIFAR10Data
 from .figures import (COMPARE_ORDER, activation_std_draws, close, colour_note, curve_draws, panels, row,
@@ -26,8 +27,8 @@ from .training import run
 from .vectorized import run_many
 
 CARDS = {
-    "compare": "**Compare**: the same MLP with torch_bn.BatchNorm1d, nn.BatchNorm1d and no normalization, from "
-               "identical initial Linear weights and batch order (one run each). torch_bn and nn.BatchNorm1d "
+    "compare": "**Compare**: the same MLP with torch_bn.BatchNorm1d, nn.BatchNorm1d and no normalization (or the "
+               "normalizations of --norms), from identical initial Linear weights and batch order (one run each). torch_bn and nn.BatchNorm1d "
                "compute the same function, so their curves agree closely (with Adam they drift apart slowly: "
                "rounding noise in the zero-gradient Linear biases before each BN becomes +-lr steps). "
                "Figures (Images, in this run): `compare/loss`, `compare/train_accuracy`, `compare/val_accuracy`.",
@@ -41,19 +42,21 @@ CARDS = {
                     "accuracy and loss against the scale. `activation_std/*`: each hidden layer's output std at init "
                     "(dashed) and after training (solid) at a tiny, the baseline's best and a large scale: flat "
                     "with BN, vanishing or exploding without. The figures are in this run (Images).",
+    "batch-size": batch_sizes.CARD,
 }
 
 
 def compare(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True, resume: bool = False,
-            norms: tuple[str, ...] = COMPARE_ORDER, log_every: int = LOG_EVERY,
-            name: str = "compare") -> dict[str, dict]:
-    """Train the same config once per norm, from identical initial Linear weights and batch order
-    (each run seeds the same generators), into root/<norm>, in the order of norms (so that
-    TensorBoard gives each its colour in the figures, COLORS); writes the loss and accuracy curves of
-    all of them (root/<name>.png, and one TensorBoard image per panel, with the experiment's text
-    card, in the first norm's run). Returns norm -> summary."""
-    summaries = {norm: run(replace(config, norm=norm), data, os.path.join(root, norm), progress=progress,
-                           resume=resume, log_every=log_every) for norm in norms}
+            norms: tuple[str, ...] = COMPARE_NORMS, log_every: int = LOG_EVERY, name: str = "compare",
+            virtual_batch_size: int | None = None, renorm_warmup: int | None = None) -> dict[str, dict]:
+    """Train the same config once per norm (with its options: :func:`with_norm`), from identical
+    initial Linear weights and batch order (each run seeds the same generators), into root/<norm>,
+    in the order of norms (so that TensorBoard gives each its colour in the figures, COLORS, where
+    norms is a prefix of COMPARE_ORDER); writes the loss and accuracy curves of all of them
+    (root/<name>.png, and one TensorBoard image per panel, with the experiment's text card, in the
+    first norm's run). Returns norm -> summary."""
+    summaries = {norm: run(with_norm(config, norm, virtual_batch_size, renorm_warmup), data, os.path.join(root, norm),
+                           progress=progress, resume=resume, log_every=log_every) for norm in norms}
     card = CARDS[name] + "\n\n" + colour_note(list(norms), charts=list(norms) == list(COMPARE_ORDER[:len(norms)]))
     curves = curve_draws({n: s["history"] for n, s in summaries.items()})
     publish(root, os.path.join(root, norms[0]), card, {name: curves})
@@ -114,6 +117,21 @@ def weight_scale(config: TrainConfig, data: CIFAR10Data, root: str, *, progress:
     card = CARDS["weight-scale"] + "\n\n" + colour_note(list(results), charts=False)
     publish(root, runs[0][2], card, {"weight_scale": weight_scale_draws(scales, results),
                                                       "activation_std": activation_std_draws(std_runs)})
+    return results
+
+
+def batch_size(config: TrainConfig, data: CIFAR10Data, root: str, *, progress: bool = True, resume: bool = False,
+               log_every: int = LOG_EVERY) -> batch_sizes.Results:
+    """The notebook's batch-size experiment (:mod:`cifar_bn.batch_size`): its 14 runs one after another
+    into root/bs<B>/<method>, then its figures (root/batch_size_{train,val,summary}.png, and each
+    panel a TensorBoard image, with the experiment's card, in its first run). Returns method -> batch
+    size -> summary."""
+    results: batch_sizes.Results = {}
+    runs = batch_sizes.plan(config)
+    for r in runs:
+        results.setdefault(r.method, {})[r.batch_size] = run(r.config, data, os.path.join(root, r.name),
+                                                             progress=progress, resume=resume, log_every=log_every)
+    publish(root, os.path.join(root, runs[0].name), batch_sizes.card(), batch_sizes.figures([results]))
     return results
 
 

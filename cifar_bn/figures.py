@@ -20,12 +20,15 @@ from matplotlib.figure import Figure  # noqa: E402
 # TensorBoard's run colours (2.x, its default palette): it lists a logdir's runs in the order they
 # started (first event) and gives the i-th PALETTE[i % 7]; a log cannot choose a colour.
 TENSORBOARD_PALETTE = ("#ff7043", "#0077bb", "#cc3311", "#33bbee", "#ee3377", "#009988", "#bbbbbb")
-# The experiments train batch norm first, then none, then nn.BatchNorm1d (COMPARE_ORDER), so these
-# are also the colours of their runs in TensorBoard's charts (a sweep's many runs excepted).
-COMPARE_ORDER = ("torch_bn", "none", "nn")
+# The experiments train batch norm first, then none, then nn.BatchNorm1d, then the variants
+# (COMPARE_ORDER), so these are also the colours of their runs in TensorBoard's charts where a launch
+# runs a prefix of that order (a sweep's many runs, or --norms in another order, excepted).
+COMPARE_ORDER = ("torch_bn", "none", "nn", "renorm", "ghost", "layernorm")
 COLORS = dict(zip(COMPARE_ORDER, TENSORBOARD_PALETTE))
-LABELS = {"torch_bn": "batch norm (torch_bn)", "nn": "nn.BatchNorm1d", "none": "no normalization"}
-COLOR_NAMES = {"#ff7043": "orange", "#0077bb": "blue", "#cc3311": "red"}
+LABELS = {"torch_bn": "batch norm (torch_bn)", "nn": "nn.BatchNorm1d", "none": "no normalization",
+          "renorm": "batch renorm (torch_bn)", "ghost": "ghost batch norm (torch_bn)", "layernorm": "nn.LayerNorm"}
+COLOR_NAMES = {"#ff7043": "orange", "#0077bb": "blue", "#cc3311": "red", "#33bbee": "cyan", "#ee3377": "magenta",
+               "#009988": "teal"}
 CARD = (5.0, 3.4)  # inches at 100 dpi: 500 x 340 px; the Images dashboard shows it about 340 px wide
 FONT = 13  # points: about 12 px on screen where TensorBoard shrinks the image to its ~340 px card
 
@@ -38,7 +41,7 @@ def colour_note(norms: list[str], charts: bool) -> str:
         return (f"Colours: {names}, in the figures and in the Scalars, Custom Scalars, Images and Histograms "
                 f"charts (TensorBoard colours runs in the order they started; a log cannot choose a colour). "
                 f"Time Series picks its own colours: set them with the palette in its runs table.")
-    regex = "/(" + "|".join(norms) + ")$"
+    regex = "/(" + "|".join(norms) + r")\d*$"  # \d*: ghost batch norm's runs name their virtual batch (ghost5)
     return (f"Colours: in the figures {names}. TensorBoard colours runs in the order they started and a log "
             f"cannot choose a colour, so with this many runs its charts repeat seven colours; to colour them by "
             f"normalization, open Time Series and colour its runs by the regex `{regex}` (the palette in its "
@@ -156,3 +159,63 @@ def activation_std_draws(runs: dict[str, tuple[float, dict[str, dict]]]) -> dict
 
     return {name: panel(f"{name.capitalize()} init scale {scale:.1e}", summaries)
             for name, (scale, summaries) in runs.items()}
+
+
+def _band(ax: Axes, x, runs: list[list[float]], color: str, label: str, style: str = "-o") -> None:
+    """The mean of several runs' curves (same x), with their min-max range shaded (none for one run)."""
+    values = np.asarray(runs, dtype=float)
+    ax.plot(x, values.mean(0), style, markersize=3, color=color, label=label)
+    if len(values) > 1:
+        ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.15, linewidth=0)
+
+
+def batch_size_curve_draws(results: dict[int, dict[str, tuple[str, str, list[dict]]]], key: str,
+                           title: str) -> dict[str, Panel]:
+    """The notebook's batch-size plots: the per-epoch accuracy ``key`` ("train_acc" or "val_acc"),
+    one panel per batch size, one colour per normalization (a second line style for a second run of
+    one normalization, such as two virtual batch sizes); several seeds give their mean and range.
+    results: batch size -> method -> (norm, label, the summaries of its seeds)."""
+
+    def panel(batch: int, methods: dict[str, tuple[str, str, list[dict]]]) -> Panel:
+        def draw(ax: Axes) -> None:
+            seen: dict[str, int] = {}
+            for norm, label, summaries in methods.values():
+                styles = ("-o", "--s", ":^")
+                style = styles[seen.get(norm, 0) % len(styles)]
+                seen[norm] = seen.get(norm, 0) + 1
+                runs = [s["history"][key] for s in summaries]
+                _band(ax, np.arange(len(runs[0])), runs, COLORS[norm], label, style)
+            ax.set(title=f"{title}, batch size {batch}", xlabel="Epoch", ylabel="accuracy")
+            ax.legend(loc="best", fontsize="small")
+        return draw
+
+    return {f"batch{batch:02d}": panel(batch, methods) for batch, methods in results.items()}
+
+
+def batch_size_summary_draws(lines: dict[str, tuple[str, str, dict[int, list[dict]]]]) -> dict[str, Panel]:
+    """Best validation accuracy and final training accuracy against the batch size, one line per
+    normalization: the mean over seeds, error bars from the smallest to the largest seed.
+    lines: name -> (norm, label, x value -> the summaries of its seeds); a line with a dashed
+    style when its name starts with "ghost" (x is then the virtual batch size)."""
+
+    def panel(key: str, ylabel: str) -> Panel:
+        def draw(ax: Axes) -> None:
+            for name, (norm, label, points) in lines.items():
+                xs = sorted(points)
+                values = [np.asarray([s[key] for s in points[x]], dtype=float) for x in xs]
+                mean = np.asarray([v.mean() for v in values])
+                err = np.asarray([[m - v.min() for m, v in zip(mean, values)],
+                                  [v.max() - m for m, v in zip(mean, values)]])
+                ax.errorbar(xs, mean, yerr=err, fmt="--s" if name.startswith("ghost") else "-o", markersize=4,
+                            capsize=3, color=COLORS[norm], label=label)
+            ax.set_xscale("log")
+            ticks = sorted({x for _, _, points in lines.values() for x in points})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+            ax.set(title=f"{ylabel} vs batch size", xlabel="batch size (ghost: virtual batch size, batches of 50)",
+                   ylabel=ylabel)
+            ax.legend(loc="best", fontsize="small")
+        return draw
+
+    return {"best_val_acc": panel("best_val_acc", "Best val accuracy"),
+            "final_train_acc": panel("final_train_acc", "Final training accuracy")}

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import RENORM_DMAX, RENORM_RMAX, TrainConfig
 from .dashboard import NoLogger, RunLogger
 from .data import CIFAR10Data
 from .runs import SUMMARY, RunExistsError, holds_run, keep_aside, read_json, save_checkpoint, write_json
@@ -100,7 +100,11 @@ def checks_per_epoch(train_images: int, eval_images: int) -> int:
 
 def run_card(config: TrainConfig, num_train: int, device: str) -> str:
     """The run's text card: what it trains and how to read its dashboard."""
-    norm = {"torch_bn": "torch_bn.BatchNorm1d", "nn": "nn.BatchNorm1d", "none": "no normalization"}[config.norm]
+    norm = {"torch_bn": "torch_bn.BatchNorm1d", "nn": "nn.BatchNorm1d", "none": "no normalization",
+            "renorm": f"torch_bn.BatchRenorm1d (rmax {RENORM_RMAX:g}, dmax {RENORM_DMAX:g}, plain batch norm for "
+                      f"the first {config.renorm_warmup} steps)",
+            "ghost": f"torch_bn.GhostBatchNorm1d (statistics over chunks of {config.virtual_batch_size} samples)",
+            "layernorm": "nn.LayerNorm (statistics over each sample's features)"}[config.norm]
     init = "PyTorch's default init" if config.weight_scale is None else f"weights ~ N(0, {config.weight_scale:.3g}^2)"
     return (f"**{norm}**: MLP 3072-{'-'.join(map(str, config.hidden_dims))}-10, {init}, {config.optimizer} "
             f"lr {config.lr:g}, batch {config.batch_size}, {config.epochs} epochs on {num_train} images, seed "

@@ -7,9 +7,31 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+import torch_bn
 from torch_bn import BatchNorm1d, BatchNorm2d
 
-from .config import canonical_norm
+from .config import RENORM_DMAX, RENORM_RMAX, canonical_norm, check_norm_options
+
+
+def norm_layer(norm: str, features: int, *, virtual_batch_size: int | None = None,
+               renorm_warmup: int = 0) -> nn.Module | None:
+    """The layer ``norm`` (a name in NORMS) puts after a hidden Linear of ``features`` outputs (None
+    for "none"); virtual_batch_size is ghost batch norm's chunk size, renorm_warmup the steps batch
+    renormalization runs as plain batch norm first."""
+    if norm == "torch_bn":
+        return BatchNorm1d(features)
+    if norm == "nn":
+        return nn.BatchNorm1d(features)
+    if norm == "renorm":
+        return torch_bn.BatchRenorm1d(features, rmax=RENORM_RMAX, dmax=RENORM_DMAX, warmup_steps=renorm_warmup)
+    if norm == "ghost":
+        if virtual_batch_size is None:
+            raise ValueError("ghost batch norm needs a virtual batch size (--virtual-batch-size V)")
+        return torch_bn.GhostBatchNorm1d(features, virtual_batch_size)
+    if norm == "layernorm":
+        return nn.LayerNorm(features)
+    return None
+
 
 class MLP(nn.Module):
     """Multi-layer perceptron for flattened images, with optional batch norm per hidden layer.
@@ -18,10 +40,15 @@ class MLP(nn.Module):
         input_dim: features per input (3072 for flattened CIFAR-10 images).
         hidden_dims: width of each hidden layer (each positive).
         num_classes: logits out.
-        norm: "torch_bn" (torch_bn.BatchNorm1d), "nn" (nn.BatchNorm1d; "torch" is an alias) or "none".
+        norm: "torch_bn" (torch_bn.BatchNorm1d), "nn" (nn.BatchNorm1d; "torch" is an alias), "none",
+            "renorm" (torch_bn.BatchRenorm1d), "ghost" (torch_bn.GhostBatchNorm1d) or "layernorm"
+            (nn.LayerNorm over each sample's features).
         weight_scale: if given, every Linear weight ~ N(0, weight_scale^2) and biases 0 (the
             notebook's init); None keeps PyTorch's default init.
         dropout: probability after each ReLU, in [0, 1) (0: no dropout layers).
+        virtual_batch_size: ghost batch norm's chunk size (norm "ghost" only, at least 2).
+        renorm_warmup: steps of plain batch norm before batch renormalization corrects with the
+            running statistics (norm "renorm" only).
 
     Shape:
         Input (N, input_dim) or images (N, C, H, W), flattened; output logits (N, num_classes).
@@ -33,9 +60,11 @@ class MLP(nn.Module):
     """
 
     def __init__(self, input_dim: int = 3072, hidden_dims: Sequence[int] = (100,) * 5, num_classes: int = 10,
-                 norm: str = "torch_bn", weight_scale: float | None = None, dropout: float = 0.0) -> None:
+                 norm: str = "torch_bn", weight_scale: float | None = None, dropout: float = 0.0, *,
+                 virtual_batch_size: int | None = None, renorm_warmup: int = 0) -> None:
         super().__init__()
         norm = canonical_norm(norm)
+        check_norm_options(norm, virtual_batch_size, renorm_warmup)
         if not hidden_dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in hidden_dims):
             raise ValueError(f"hidden_dims must be one or more positive integers, got {tuple(hidden_dims)}")
         if not 0 <= dropout < 1:
@@ -46,10 +75,9 @@ class MLP(nn.Module):
         dims = [input_dim, *hidden_dims]
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers.append(nn.Linear(d_in, d_out))
-            if norm == "torch_bn":
-                layers.append(BatchNorm1d(d_out))
-            elif norm == "nn":
-                layers.append(nn.BatchNorm1d(d_out))
+            layer = norm_layer(norm, d_out, virtual_batch_size=virtual_batch_size, renorm_warmup=renorm_warmup)
+            if layer is not None:
+                layers.append(layer)
             layers.append(nn.ReLU())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
@@ -75,7 +103,8 @@ def l2_penalty(model: nn.Module, reg: float) -> Tensor:
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
-    """The batch-norm layers of ``model`` (torch_bn's and torch.nn's), in order."""
+    """The normalization layers of ``model`` (torch_bn's and torch.nn's batch norms, batch
+    renormalization, ghost batch norm, layer norm), in order."""
     return [m for m in model.modules() if isinstance(m, _NORMS)]
 
 
@@ -89,7 +118,8 @@ class HiddenLayer(NamedTuple):
 
 
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
-_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d)
+# Batch norms (torch_bn's, its renorm and ghost layers among them, subclass nn's) and layer norm.
+_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm1d, BatchNorm2d, nn.LayerNorm)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SiLU)
 
 

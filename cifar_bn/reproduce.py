@@ -8,7 +8,9 @@ Runs, under a new folder runs/reproduce-<time>/ (TensorBoard dashboards included
   - the notebook's section 3 (``--experiment weight-scale``), with its two figures;
   - ``--compare`` on the full 49,000 images (10 epochs) over seeds, with its curves figure, and
     seed 0 again at the other thread count;
-  - the cost of the per-layer dashboard statistics: one epoch with and without them, alternated.
+  - the cost of the per-layer dashboard statistics: one epoch with and without them, alternated;
+  - the notebook's batch-size experiment (``--experiment batch-size``) over several seeds, with its
+    figures over all of them, and the wall and CPU time of each seed's whole experiment.
 Writes the results file (default docs/results.md: tables, command, machine, threads, library
 versions, date) and copies the figures the README shows into docs/figures/.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -26,6 +29,7 @@ from dataclasses import replace
 
 import torch
 
+from . import batch_size as batch_sizes
 from . import experiments
 from .data import DataError, load_cifar10
 from .figures import LABELS
@@ -199,6 +203,54 @@ def logging_overhead(data, root: str, repeats: int, progress: bool) -> tuple[flo
     return statistics.median(w / o for w, o in zip(with_stats, without)) - 1, with_stats, without
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def batch_size_result(data, root: str, args: argparse.Namespace, progress: bool) -> list[str]:
+    """``--experiment batch-size`` over seeds 0..--batch-size-seeds - 1 on the first
+    --batch-size-num-train images (each seed into root/batch-size/seed<k>), its figures over all
+    seeds (root/batch-size/batch_size_*.png), and its section: settings, the load, each seed's wall
+    and CPU time, the table."""
+    data = data.subset(args.batch_size_num_train)
+    root = os.path.join(root, "batch-size")
+    seeds, epochs = args.batch_size_seeds, args.batch_size_epochs
+    config = replace(TrainConfig(**{k: v for k, v in PRESETS["batch-size"].items() if k != "num_train"}), epochs=epochs)
+    load_before = os.getloadavg()
+    seeds_results, times, cpu = [], [], []
+    for seed in range(seeds):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        seeds_results.append(experiments.batch_size(replace(config, seed=seed), data,
+                                                    os.path.join(root, f"seed{seed}"), progress=progress))
+        times.append(time.perf_counter() - t0)
+        cpu.append(cpu_seconds() - c0)
+    load_after = os.getloadavg()
+    # The figures over all seeds, and their card, in a run of their own (the seeds' runs hold their own).
+    seeds_run = os.path.join(root, "all-seeds")
+    experiments.publish(root, seeds_run, batch_sizes.card(f" Over seeds 0-{seeds - 1}: curves are means with the "
+                        f"min-max range shaded, error bars span the seeds."), batch_sizes.figures(seeds_results))
+    runs = len(batch_sizes.plan(config))
+    return [
+        f"## Batch size (the notebook's batch-size section), {seeds} seeds", "",
+        f"`--experiment batch-size`: 5 hidden layers of 100, weight scale 2e-2, Adam at lr 10^-3.5, "
+        f"{len(data.X_train):,} training images, {len(data.X_val):,} validation images, {epochs} epochs; "
+        f"batch renormalization with rmax {batch_sizes.RENORM_RMAX:g}, dmax {batch_sizes.RENORM_DMAX:g} and plain "
+        f"batch norm for the first epoch ({', '.join(f'{len(data.X_train) // b} steps at batch {b}' for b in batch_sizes.BATCH_SIZES)}); "
+        f"ghost batch norm in batches of {batch_sizes.GHOST_BATCH} with statistics over chunks of "
+        f"{' and '.join(map(str, batch_sizes.VIRTUAL_BATCH_SIZES))}. Seeds 0-{seeds - 1}: mean (min-max).",
+        "",
+        f"Wall time of the whole experiment ({runs} runs one after another, dashboards and figures included) per "
+        f"seed: " + ", ".join(f"{t:.0f} s" for t in times) + " (CPU time of the process: "
+        + ", ".join(f"{t:.0f} s" for t in cpu) + f"; the rest is waiting for the shared cores: load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores).", "",
+        *batch_sizes.table(seeds_results), "",
+        "Figures (all seeds): [batch_size_summary.png](figures/batch_size_summary.png), "
+        "[batch_size_train.png](figures/batch_size_train.png), [batch_size_val.png](figures/batch_size_val.png).", "",
+    ]
+
+
 def command_line(argv: list[str] | None) -> str:
     """The command that ran, as the results file quotes it: the data folder as DIR (where the data
     lies is the machine's business, not the result's)."""
@@ -239,6 +291,8 @@ RESULTS = {
     "compare": (compare_result, False, "## Compare on the full training set",
                 {"compare.png": ("compare", "seed0", "compare.png")}),
     "overhead": (overhead_result, False, "## Cost of the per-layer dashboard statistics", {}),
+    "batch-size": (batch_size_result, False, "## Batch size",
+                   {f"batch_size_{k}.png": ("batch-size", f"batch_size_{k}.png") for k in ("summary", "train", "val")}),
 }
 
 
@@ -283,6 +337,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--thread-seeds", type=int, default=4, help="seeds of the deep runs repeated at --other-threads")
     p.add_argument("--num-scales", type=int, default=20)
     p.add_argument("--overhead-repeats", type=int, default=3)
+    p.add_argument("--batch-size-seeds", type=int, default=3, help="seeds of the batch-size experiment")
+    p.add_argument("--batch-size-epochs", type=int, default=PRESETS["batch-size"]["epochs"],
+                   help="epochs of the batch-size experiment (default the notebook's)")
+    p.add_argument("--batch-size-num-train", type=int, default=PRESETS["batch-size"]["num_train"],
+                   help="training images of the batch-size experiment (default the notebook's)")
     p.add_argument("--logdir", default="runs")
     p.add_argument("--out", default=os.path.join("docs", "results.md"), help="the results file")
     p.add_argument("--figures", default=os.path.join("docs", "figures"), help="where the README's figures go")
@@ -299,23 +358,30 @@ def main(argv: list[str] | None = None) -> int:
         print("reproduce: error: --seeds, --compare-seeds, --threads, --other-threads, --thread-seeds and "
               "--overhead-repeats must be positive, --num-scales at least 2", file=sys.stderr)
         return 2
+    if min(args.batch_size_seeds, args.batch_size_epochs, args.batch_size_num_train) < 1:
+        print("reproduce: error: --batch-size-seeds, --batch-size-epochs and --batch-size-num-train must be "
+              "positive", file=sys.stderr)
+        return 2
     if args.only and not os.path.isfile(args.out):
         print(f"reproduce: error: --only replaces sections of {args.out}, which does not exist; run without --only "
               f"first", file=sys.stderr)
         return 2
+    names = args.only or list(RESULTS)
     try:
         data = load_cifar10(args.data_dir, num_val=args.num_val, num_test=args.num_test, verify=not args.no_verify)
+        # The notebook's 1,000 images, as --experiment deep, for the results that train on them.
+        small = data.subset(PRESETS["deep"]["num_train"]) if any(RESULTS[n][1] for n in names) else None
+        if "batch-size" in names:
+            data.subset(args.batch_size_num_train)  # enough images, before anything is written
     except DataError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return 2
     root = os.path.join(args.logdir, time.strftime("reproduce-%Y%m%d-%H%M%S"))
     os.makedirs(root)  # a new folder: nothing earlier is overwritten
     progress = not args.quiet
-    small = data.subset(PRESETS["deep"]["num_train"])  # the notebook's 1,000 images, as --experiment deep
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    names = args.only or list(RESULTS)
     sections = {name: RESULTS[name][0](small if RESULTS[name][1] else data, root, args, progress) for name in names}
     copy_figures(root, args.figures, names)
     if args.only:

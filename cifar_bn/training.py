@@ -144,7 +144,8 @@ def build_model(config: TrainConfig, input_dim: int) -> MLP:
     """The notebook's MLP for ``config``, initialized from ``config.seed`` (so every norm of a
     comparison starts from the same Linear weights)."""
     torch.manual_seed(config.seed)
-    return MLP(input_dim, config.hidden_dims, NUM_CLASSES, config.norm, config.weight_scale, config.dropout)
+    return MLP(input_dim, config.hidden_dims, NUM_CLASSES, config.norm, config.weight_scale, config.dropout,
+               virtual_batch_size=config.virtual_batch_size, renorm_warmup=config.renorm_warmup or 0)
 
 
 def run(config: TrainConfig, data: CIFAR10Data, run_dir: str, *, progress: bool = True, resume: bool = False,
@@ -164,6 +165,7 @@ def run(config: TrainConfig, data: CIFAR10Data, run_dir: str, *, progress: bool 
     if checkpoint is not None:
         config = TrainConfig(**{**checkpoint["configs"][0], "device": config.device,
                                 "epochs": max(config.epochs, checkpoint["epoch"])})
+    config = config.resolved(len(data.X_train))
     model = build_model(config, data.X_train[0].numel())
     return Trainer(config, model, data, run_dir, progress=progress, resume=resume, checkpoint=checkpoint,
                    log_every=log_every).fit()

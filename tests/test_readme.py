@@ -35,11 +35,12 @@ def test_train_command_is_accepted(command):
     """train.py's flag checks accept the command (placeholders such as [--epochs N] aside)."""
     import train
 
-    words = shlex.split(re.sub(r"\[[^\]]*\]", "", command.replace("{torch_bn,nn,none}", "nn")))
+    # A {a,b,c} placeholder stands for each of its choices: the first is checked.
+    words = shlex.split(re.sub(r"\[[^\]]*\]", "", re.sub(r"\{([^,}]+)[^}]*\}", r"\1", command)))
     argv = words[words.index("train.py") + 1:]
     args = train.parse_args(argv)
     if args.resume:  # runs/NAME stands for a run folder: the flags it may take are checked there
         assert args.resume == "runs/NAME"
         return
     plan = train.plan_from_args(args)
-    assert plan["mode"] in ("single", "compare", "deep", "weight-scale")
+    assert plan["mode"] in ("single", "compare", "deep", "weight-scale", "batch-size")

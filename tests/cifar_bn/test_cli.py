@@ -247,14 +247,16 @@ def test_reproduce_writes_every_result_and_figure(tiny_cifar, tmp_path, monkeypa
     out, figures = tmp_path / "results.md", tmp_path / "figures"
     assert reproduce.main(["--data-dir", tiny_cifar, "--no-verify", "--num-val", "20", "--num-test", "20",
                            "--seeds", "2", "--compare-seeds", "2", "--thread-seeds", "1", "--num-scales", "2",
-                           "--overhead-repeats", "1", "--logdir", str(tmp_path / "runs"), "--out", str(out),
+                           "--overhead-repeats", "1", "--batch-size-seeds", "1", "--batch-size-epochs", "1",
+                           "--batch-size-num-train", "100", "--logdir", str(tmp_path / "runs"), "--out", str(out),
                            "--figures", str(figures), "--quiet"]) == 0
     text = out.read_text()
     for section in ("## Deep network", "### 1 vs 2 threads", "## Weight-initialization scale",
                     "## Compare on the full training set", "seeds 0-1, mean (min-max)", "Seed 0 again at",
-                    "## Cost of the per-layer dashboard statistics"):
+                    "## Cost of the per-layer dashboard statistics", "## Batch size"):
         assert section in text, section
-    assert sorted(os.listdir(figures)) == ["activation_std.png", "compare.png", "deep.png", "weight_scale.png"]
+    assert sorted(os.listdir(figures)) == ["activation_std.png", "batch_size_summary.png", "batch_size_train.png",
+                                           "batch_size_val.png", "compare.png", "deep.png", "weight_scale.png"]
     # --only regenerates one result: its section is replaced, the others are kept as they were.
     assert reproduce.main(["--data-dir", tiny_cifar, "--no-verify", "--num-val", "20", "--num-test", "20",
                            "--only", "compare", "--compare-seeds", "1", "--logdir", str(tmp_path / "runs"),

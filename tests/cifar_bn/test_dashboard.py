@@ -210,6 +210,14 @@ def tensorboard_view(logdir):
     return [r.run_name for r in runs], experiment, groups.session_groups
 
 
+def test_every_normalization_has_one_colour_and_compare_starts_the_palette():
+    from cifar_bn.figures import COLOR_NAMES, COMPARE_ORDER
+    assert set(COLORS) == set(config.NORMS) == set(LABELS) and len(set(COLORS.values())) == len(COLORS)
+    assert all(c in TENSORBOARD_PALETTE and c in COLOR_NAMES for c in COLORS.values())
+    # --compare's default runs start in COMPARE_ORDER, so TensorBoard gives them the figures' colours.
+    assert tuple(config.COMPARE_NORMS) == COMPARE_ORDER[:len(config.COMPARE_NORMS)]
+
+
 def test_every_hparam_has_one_domain_and_one_type():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(HPARAM_DOMAINS) == fields | {"num_train", "device"}  # a new config field needs a domain here
@@ -219,8 +227,13 @@ def test_every_hparam_has_one_domain_and_one_type():
     assert "weight_scale" not in default and scaled["weight_scale"] == 1.0  # PyTorch's init: left out, never "default"
     for name in default:
         assert type(default[name]) is type(scaled[name]), name
+    ghost = hparam_values(dataclasses.asdict(TrainConfig(norm="ghost", batch_size=10, virtual_batch_size=5)), 100, "cpu")
+    renorm = hparam_values(dataclasses.asdict(TrainConfig(norm="renorm", renorm_warmup=0)), 100, "cpu")
+    assert ghost["virtual_batch_size"] == 5 and "renorm_warmup" not in ghost  # the other norm's option: blank
+    assert renorm["renorm_warmup"] == 0 and "virtual_batch_size" not in renorm
+    assert "virtual_batch_size" not in default and "renorm_warmup" not in default
     with pytest.raises(ValueError, match="no domain"):
-        hparam_values({"virtual_batch_size": 5}, 100, "cpu")
+        hparam_values({"ghost_batch": 5}, 100, "cpu")
 
 
 def test_weight_scale_run_names_say_the_scale_first():
