@@ -10,7 +10,7 @@ Runs, under a new folder runs/reproduce-<time>/ (TensorBoard dashboards included
     seed 0 again at the other thread count;
   - the cost of the per-layer dashboard statistics: one epoch with and without them, alternated;
   - the notebook's batch-size experiment (``--experiment batch-size``) over several seeds, with its
-    figures over all of them, and the wall and CPU time of each seed's whole experiment.
+    figures over all of them, and the wall and CPU time of the whole experiment per seed.
 Writes the results file (default docs/results.md: tables, command, machine, threads, library
 versions, date) and copies the figures the README shows into docs/figures/.
 """
@@ -212,7 +212,7 @@ def cpu_seconds() -> float:
 def batch_size_result(data, root: str, args: argparse.Namespace, progress: bool) -> list[str]:
     """``--experiment batch-size`` over seeds 0..--batch-size-seeds - 1 on the first
     --batch-size-num-train images (each seed into root/batch-size/seed<k>), its figures over all
-    seeds (root/batch-size/batch_size_*.png), and its section: settings, the load, each seed's wall
+    seeds (root/batch-size/batch_size_*.png), and its section: settings, the load, per seed the wall
     and CPU time, the table."""
     data = data.subset(args.batch_size_num_train)
     root = os.path.join(root, "batch-size")
