@@ -4,6 +4,7 @@
     python -m bench.bn --device cpu --threads 1,2 --dtype float32 --dtype float16 --markdown
     python -m bench.bn --device cpu --shapes 32x64x32x32 --layout channels_last --json bench.json
     python -m bench.bn --mlp --threads 1    # per call at the CIFAR-10 MLP's sizes, in microseconds
+    python -m bench.bn --mlp --threads 1 --shapes 50x100,100x500 --baseline ../old --repeats 5
 
 One process, the same inputs for every implementation; warm-up, then the median of many
 repeats (CUDA: triton.testing.do_bench, which uses CUDA events); on CPU native and torch_bn run
@@ -16,10 +17,14 @@ prints the load average (os.getloadavg) before and after it: the machine may be 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
@@ -138,12 +143,24 @@ def bench_shape(shape, dtype, device, measure, bandwidth, channels_last: bool = 
     return row
 
 
-def bench_mlp_shape(shape, measure) -> dict:
+def load_baseline(path: str):
+    """PATH/torch_bn (another checkout, e.g. an older commit's) imported as the package
+    torch_bn_baseline (its imports are relative), to time it in the same process."""
+    folder = tempfile.mkdtemp()
+    shutil.copytree(os.path.join(path, "torch_bn"), os.path.join(folder, "torch_bn_baseline"))
+    sys.path.insert(0, folder)
+    return importlib.import_module("torch_bn_baseline")
+
+
+def bench_mlp_shape(shape, measure, baseline=None) -> dict:
     """Per call, CPU float32: native, torch_bn as it runs (the compiled op where built) and torch_bn
-    with the compiled op switched off (its Python path), in turns on the same inputs."""
+    with the compiled op switched off (its Python path), and a baseline checkout's torch_bn where
+    given, in turns on the same inputs."""
     x = torch.randn(shape).requires_grad_()
     dy = torch.randn(shape)
     m = implementations(shape, "cpu")
+    if baseline is not None:
+        m["baseline"] = baseline.BatchNorm1d(shape[1])
 
     def python_path(fn):
         def run():
@@ -158,7 +175,8 @@ def bench_mlp_shape(shape, measure) -> dict:
     row: dict = {"shape": list(shape), "path": torch_bn.dispatch.choose_path(x)}
     for kind, make in (("fwd", lambda k: forward_only(m[k], x)), ("fwdbwd", lambda k: forward_backward(m[k], x, dy))):
         times = measure({"native": make("native"), "torch_bn": make("torch_bn"),
-                         "python": python_path(make("torch_bn"))})
+                         "python": python_path(make("torch_bn"))}
+                        | ({"baseline": make("baseline")} if baseline is not None else {}))
         for k, t in times.items():
             row[f"{k}_{kind}_s"] = t
     return row
@@ -195,15 +213,34 @@ def print_fallback_table(rows: list[dict]) -> None:
               f"{1e3 * r['reference_fwdbwd_s']:.2f} | {r['reference_fwdbwd_s'] / r['fused_fwdbwd_s']:.2f} |", flush=True)
 
 
+def median_rows(repeats: list[list[dict]]) -> list[dict]:
+    """Per shape, the median over repeats of the whole table of each time, and of each ratio to
+    native (the ratio of medians and the median of ratios differ on a drifting machine; the
+    ratios, taken within one repeat, are what the targets are about)."""
+    rows = []
+    for same_shape in zip(*repeats):
+        row = dict(same_shape[0])
+        for key in [k for k in row if k.endswith("_s")]:
+            row[key] = statistics.median(r[key] for r in same_shape)
+            native = "native_" + key.rsplit("_", 2)[1] + "_s"  # torch_bn_fwd_s -> native_fwd_s
+            row[key.removesuffix("_s") + "_ratio"] = statistics.median(r[key] / r[native] for r in same_shape)
+        row["repeats"] = len(same_shape)
+        rows.append(row)
+    return rows
+
+
 def print_mlp_table(rows: list[dict]) -> None:
-    print(f"{'shape':>8} {'path':>9} | {'fwd native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6} | "
-          f"{'f+b native':>10} {'torch_bn':>9} {'ratio':>6} {'python':>9} {'ratio':>6}   (microseconds per call)")
+    names = [k for k in ("torch_bn", "python", "baseline") if f"{k}_fwd_s" in rows[0]]
+    head = "".join(f" {k:>9} {'ratio':>6}" for k in names)
+    print(f"{'shape':>8} {'path':>9} | {'fwd native':>10}{head} | {'f+b native':>10}{head}   "
+          f"(microseconds per call; ratio to native, median over {rows[0].get('repeats', 1)} repeat(s))")
     for r in rows:
         cells = []
         for kind in ("fwd", "fwdbwd"):
             nat = r[f"native_{kind}_s"]
-            cells.append(f"{1e6 * nat:>10.1f} {1e6 * r[f'torch_bn_{kind}_s']:>9.1f} {r[f'torch_bn_{kind}_s'] / nat:>6.2f} "
-                         f"{1e6 * r[f'python_{kind}_s']:>9.1f} {r[f'python_{kind}_s'] / nat:>6.2f}")
+            cells.append(f"{1e6 * nat:>10.1f}" + "".join(
+                f" {1e6 * r[f'{k}_{kind}_s']:>9.1f} {r.get(f'{k}_{kind}_ratio', r[f'{k}_{kind}_s'] / nat):>6.2f}"
+                for k in names))
         print(f"{label(r):>8} {r['path']:>9} | {cells[0]} | {cells[1]}")
 
 
@@ -299,6 +336,8 @@ def main() -> None:
                    help="also time the closed-form against the staged backward (the backward alone)")
     p.add_argument("--mlp", action="store_true",
                    help="only the MLP's shapes (CPU float32), per call: native, torch_bn, torch_bn's Python path")
+    p.add_argument("--baseline", help="with --mlp: a checkout whose torch_bn is timed too (e.g. an older commit's)")
+    p.add_argument("--repeats", type=int, default=1, help="with --mlp: the table this many times, medians")
     p.add_argument("--fallback", action="store_true",
                    help="only the paths without the compiled op (CPU): slab-fused vs reference ops, forward+backward")
     p.add_argument("--threads", help="torch.set_num_threads, one count or several (1,2: the whole table for each, "
@@ -309,6 +348,8 @@ def main() -> None:
     threads = parse_threads(args.threads)
     if args.mlp:
         measure = timer("cpu", args.budget)
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else MLP_SHAPES
+        baseline = load_baseline(args.baseline) if args.baseline else None
         rows = []
         for t in threads:
             if t:
@@ -316,7 +357,8 @@ def main() -> None:
             machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
             print(f"device: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; "
                   f"load average {load_average()}")
-            rows_t = [bench_mlp_shape(s, measure) | {"threads": torch.get_num_threads()} for s in MLP_SHAPES]
+            rows_t = median_rows([[bench_mlp_shape(s, measure, baseline) | {"threads": torch.get_num_threads()}
+                                   for s in shapes] for _ in range(args.repeats)])
             print_mlp_table(rows_t)
             print(f"load average after: {load_average()}")
             rows += rows_t

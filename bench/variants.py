@@ -14,18 +14,14 @@ so that a plain layer of that checkout (e.g. main's) is timed in the same proces
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 
 import torch
 
 import torch_bn
-from bench.bn import forward_backward
+from bench.bn import forward_backward, load_baseline
 
 SHAPES = [(256, 128), (32, 64, 16, 16), (50, 100)]
 VIRTUAL_BATCH_SIZE = 32  # ghost batches of 32 samples (--virtual-batch-size)
@@ -58,14 +54,6 @@ class Python(torch.nn.Module):
             return self.bn(x)
         finally:
             torch_bn.cpp.ENABLED = enabled
-
-
-def load_baseline(path: str):
-    """PATH/torch_bn imported as the package torch_bn_baseline (its imports are relative)."""
-    folder = tempfile.mkdtemp()
-    shutil.copytree(os.path.join(path, "torch_bn"), os.path.join(folder, "torch_bn_baseline"))
-    sys.path.insert(0, folder)
-    return importlib.import_module("torch_bn_baseline")
 
 
 def measure(fns: dict, budget_s: float) -> dict[str, tuple[float, float]]:

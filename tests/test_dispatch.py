@@ -10,7 +10,7 @@ import torch
 
 import torch_bn
 from torch_bn import cpp, dispatch, function
-from torch_bn.dispatch import FUSED_MIN_ELEMENTS, choose_path
+from torch_bn.dispatch import FUSED_MIN_ELEMENTS, backward_path, choose_path
 
 SMALL = torch.empty(50, 100)
 LARGE = torch.empty(FUSED_MIN_ELEMENTS // 64, 64)
@@ -46,9 +46,31 @@ def test_cpu_size_picks_reference_or_fused(no_cpp):
 
 
 def test_staged_and_double_backward_take_the_reference(triton_on_cpu):
-    for x in (SMALL, LARGE):
-        assert choose_path(x, staged=True) == "reference"
-        assert choose_path(x, double_backward=True) == "reference"
+    for forward in ("triton", "cpp", "fused", "reference"):
+        assert backward_path(forward, staged=True, double_backward=False) == "reference"
+        assert backward_path(forward, staged=False, double_backward=True) == "reference"
+        assert backward_path(forward, staged=False, double_backward=False) == forward
+    seen = []
+    torch.func.vmap(lambda x: seen.append(backward_path("cpp", staged=False, double_backward=False)) or x)(SMALL[None])
+    assert seen == ["reference"]
+
+
+def test_a_backward_runs_on_its_forwards_path(needs_cpp, monkeypatch):
+    """The reference switch in force at the forward decides the backward, whatever is in force
+    when the backward runs (ops.closed_form_backward is what the reference backward calls)."""
+    calls = []
+    real = torch_bn.ops.closed_form_backward
+    monkeypatch.setattr(torch_bn.ops, "closed_form_backward", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(50, 100, requires_grad=True)
+    bn = torch_bn.BatchNorm1d(100)
+    with torch_bn.use_path("reference"):
+        y = bn(x)
+    y.sum().backward()
+    assert calls == [1]
+    y = bn(x)
+    with torch_bn.use_path("reference"):
+        y.sum().backward()
+    assert calls == [1] and type(y.grad_fn).__name__ == "EagerBatchNormFunctionBackward"
 
 
 def test_torch_func_transforms_take_the_reference(triton_on_cpu):
@@ -123,20 +145,22 @@ def test_kernels_that_fail_to_import_fall_back(triton_on_cpu, no_cpp, monkeypatc
 
 
 def test_the_function_follows_the_rule(monkeypatch):
-    """BatchNormFunction asks choose_path in forward and backward, with the backward's flags."""
+    """BatchNormFunction asks choose_path in its forward, and backward_path in its backward with
+    the forward's path and the backward's flags."""
     asked = []
-    real = dispatch.choose_path
-    monkeypatch.setattr(dispatch, "choose_path", lambda x, **kw: asked.append(kw) or real(x, **kw))
+    real = dispatch.backward_path
+    monkeypatch.setattr(dispatch, "backward_path", lambda path, **kw: asked.append((path, kw)) or real(path, **kw))
+    monkeypatch.setattr(cpp, "ENABLED", False)  # small CPU input: the reference in auto mode
     x = torch.randn(6, 3, requires_grad=True)
     for backward in ("closed_form", "staged"):
         y, _, _ = function.BatchNormFunction.apply(x, None, None, 1e-5, backward)
         torch.autograd.grad(y, x, torch.randn(6, 3), create_graph=backward == "closed_form")
-    with torch_bn.use_path("reference"):
+    with torch_bn.use_path("fused"):
         y, _, _ = function.BatchNormFunction.apply(x, None, None, 1e-5, "closed_form")
-    torch.autograd.grad(y, x, torch.randn(6, 3))  # the backward follows the forward's switch
-    backward_flags = {"staged": False, "double_backward": False, "reference": False}
-    assert asked == [{}, {**backward_flags, "double_backward": True}, {}, {**backward_flags, "staged": True},
-                     {}, {**backward_flags, "reference": True}]
+    torch.autograd.grad(y, x, torch.randn(6, 3))  # the backward follows the forward's path
+    assert asked == [("reference", {"staged": False, "double_backward": True}),
+                     ("reference", {"staged": True, "double_backward": False}),
+                     ("fused", {"staged": False, "double_backward": False})]
 
 
 def test_cpu_inputs_take_the_compiled_op(needs_cpp):
@@ -153,8 +177,6 @@ def test_cpu_inputs_take_the_compiled_op(needs_cpp):
 def test_the_compiled_op_is_not_taken_where_it_cannot_serve(needs_cpp, monkeypatch):
     """Staged backward, torch.func, torch.compile, tensor subclasses, and no built op: the reference.
     Forward-mode AD takes it (the Function's jvp needs only saved tensors)."""
-    assert choose_path(SMALL, staged=True) == "reference"
-
     class Subclass(torch.Tensor):  # e.g. FakeTensor: no memory of its own for the loops to read
         pass
 
@@ -193,7 +215,7 @@ def test_the_reference_switch_takes_every_call(triton_on_cpu, monkeypatch):
     with pytest.raises(KeyError), torch_bn.use_path("reference"):
         raise KeyError
     assert dispatch.current_path() == "auto"
-    assert choose_path(LARGE, reference=True) == "reference"  # a backward whose forward had the switch on
+    assert backward_path("reference", staged=False, double_backward=False) == "reference"  # its forward had the switch on
     with pytest.raises(ValueError, match="use_path takes one of"):
         with torch_bn.use_path("fast"):
             pass
@@ -204,12 +226,10 @@ def test_pinned_paths_serve_or_say_why(needs_cpp, monkeypatch):
     says why; staged and double backward and transforms still take the reference."""
     with torch_bn.use_path("cpp"):
         assert choose_path(LARGE) == "cpp"
-        assert choose_path(SMALL, double_backward=True) == "reference"
         with pytest.raises(RuntimeError, match="plain CPU tensors"):
             choose_path(torch.empty(50, 100, device="meta"))
     with torch_bn.use_path("fused"):
         assert choose_path(SMALL) == "fused"
-        assert choose_path(SMALL, staged=True) == "reference"
     monkeypatch.setattr(dispatch, "USE_TRITON", False)
     with torch_bn.use_path("triton"), pytest.raises(RuntimeError, match="Triton kernels cannot serve"):
         choose_path(SMALL)

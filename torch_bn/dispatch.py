@@ -118,21 +118,18 @@ def _cpp_serves(x: Tensor) -> bool:
     return x.is_cpu and type(x) is torch.Tensor and cpp.op() is not None
 
 
-def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = False,
-                reference: bool = False) -> str:
+def choose_path(x: Tensor) -> str:
     """Which implementation computes this call: "reference", "cpp", "fused" or "triton".
 
-    :class:`~torch_bn.function.BatchNormFunction` asks in its forward (x: the input) and in its
-    backward (x: the saved input; ``staged``, ``double_backward``, and ``reference`` when the
-    reference switch was on at the forward). The first row that matches decides:
+    :class:`~torch_bn.function.BatchNormFunction` asks in its forward (x: the input); its backward
+    takes the same path (:func:`backward_path`, which sends the staged and the double backward
+    to the reference). The first row that matches decides:
 
     ===========================================  ===========  ==========================================
     condition                                    path         why
     ===========================================  ===========  ==========================================
     reference switch on (``use_path``,           reference    the readable math, so edits take effect
-    ``TORCH_BN_PATH=reference``, ``reference``)
-    backward with ``staged`` (node-by-node)      reference    it exists to be read and compared
-    double backward (autograd recording)         reference    only the reference ops are differentiable
+    ``TORCH_BN_PATH=reference``)
     torch.func transform active (vmap, grad...)  reference    fast paths write into their own buffers
     a path pinned by ``use_path``                that path    tests and benchmarks (error if it cannot)
     Triton switched on (``USE_TRITON``), CUDA    triton       one kernel sweep per pass
@@ -155,7 +152,7 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     custom ops, opaque to torch.compile, so compiled CUDA code still calls them. Forward-mode AD
     (dual tensors) runs any path: the Function's ``jvp`` needs only the saved x and statistics.
     """
-    if reference or _mode == "reference" or staged or double_backward or torch._C._are_functorch_transforms_active():
+    if _mode == "reference" or torch._C._are_functorch_transforms_active():
         return "reference"
     if _mode != "auto":
         return _pinned(x, _mode)
@@ -168,6 +165,22 @@ def choose_path(x: Tensor, *, staged: bool = False, double_backward: bool = Fals
     if _cpp_serves(x):
         return "cpp"
     return "reference" if x.numel() < FUSED_MIN_ELEMENTS else "fused"
+
+
+def backward_path(forward_path: str, *, staged: bool, double_backward: bool) -> str:
+    """The path of a backward whose forward ran on ``forward_path`` (what :func:`choose_path` said
+    then): the same one, so that the reference switch or a pinned path in force at the forward
+    holds for its backward, except where only the reference ops serve:
+
+    ===========================================  ===========  ==========================================
+    ``staged`` backward (node-by-node)           reference    it exists to be read and compared
+    double backward (autograd recording)         reference    only the reference ops are differentiable
+    torch.func transform active                  reference    fast paths write into their own buffers
+    ===========================================  ===========  ==========================================
+    """
+    if staged or double_backward or torch._C._are_functorch_transforms_active():
+        return "reference"
+    return forward_path
 
 
 def _pinned(x: Tensor, path: str) -> str:

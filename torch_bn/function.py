@@ -68,7 +68,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.save_for_forward(x, weight, mean, rstd)
         ctx.eps = eps
         ctx.backward = backward
-        ctx.reference = dispatch.current_path() == "reference"
+        ctx.path = dispatch.choose_path(x)  # what forward ran on: the backward takes the same path
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -87,13 +87,12 @@ class BatchNormFunction(torch.autograd.Function):
 
 def gradients(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The backward of :class:`BatchNormFunction` and its siblings: dx, dweight, dbias (None where
-    not needed) from dy and what the forward saved, on the path :func:`~torch_bn.dispatch.choose_path`
-    picks for the backward."""
+    not needed) from dy and what the forward saved (``ctx.path``: the path the forward ran on), on
+    the path :func:`~torch_bn.dispatch.backward_path` picks."""
     x, weight, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     double_backward = torch.is_grad_enabled()
-    path = dispatch.choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward,
-                                reference=ctx.reference)
+    path = dispatch.backward_path(ctx.path, staged=ctx.backward == "staged", double_backward=double_backward)
     if path == "cpp":
         dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, need_x)
     elif path == "triton":
@@ -144,18 +143,13 @@ class EagerBatchNormFunction(BatchNormFunction):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
                 running_mean: Tensor | None, running_var: Tensor | None, momentum: float) -> Tensor:
-        if dispatch.choose_path(x) == "cpp":
-            y, mean, _var, rstd = cpp.op().forward(x, weight, bias, running_mean, running_var, momentum, eps)
-        else:
-            y, mean, var = BatchNormFunction.forward(x, weight, bias, eps, backward)
-            update_running_stats(running_mean, running_var, mean, var, x, momentum)
-            rstd = torch.rsqrt(var + eps)
+        ctx.path = dispatch.choose_path(x)
+        y, mean, rstd = eager_forward(x, weight, bias, eps, backward, running_mean, running_var, momentum, ctx.path)
         ctx.save_for_backward(x, weight, mean, rstd)
         if forward_ad._current_level >= 0:  # jvp runs only within a dual level
             ctx.save_for_forward(x, weight, mean, rstd)
         ctx.eps = eps
         ctx.backward = backward
-        ctx.reference = dispatch.current_path() == "reference"
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -169,6 +163,29 @@ class EagerBatchNormFunction(BatchNormFunction):
             return None, None, None, None, None, None, None, None
         dx, dweight, dbias = gradients(ctx, dy)
         return dx, dweight, dbias, None, None, None, None, None
+
+
+def eager_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
+                  running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                  path: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of :class:`EagerBatchNormFunction`: y, the batch mean and rstd, with the running
+    statistics updated, on ``path`` (default: :func:`~torch_bn.dispatch.choose_path`'s). Also what
+    torch_bn.functional.batch_norm runs where autograd would record nothing (no_grad, nothing
+    requiring grad, no forward-AD level): there is no node to build."""
+    if (path or dispatch.choose_path(x)) == "cpp":
+        y, mean, _var, rstd = cpp.op().forward(x, weight, bias, running_mean, running_var, momentum, eps)
+        return y, mean, rstd
+    y, mean, var = BatchNormFunction.forward(x, weight, bias, eps, backward)
+    update_running_stats(running_mean, running_var, mean, var, x, momentum)
+    return y, mean, torch.rsqrt(var + eps)
+
+
+def records_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether autograd records a call on these inputs: grad mode on and one of them requiring
+    grad, or a forward-AD level open (dual tensors)."""
+    return (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                         or (bias is not None and bias.requires_grad))
+            or forward_ad._current_level >= 0)
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,

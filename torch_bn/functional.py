@@ -171,7 +171,10 @@ def batch_norm(
         y, mean, var = function.apply(input, weight, bias, eps, backward)
         _function.update_running_stats(running_mean, running_var, mean, var, input, momentum)
         return y
-    # Eager: the same Function's bodies, the running statistics updated inside (one call).
+    # Eager: the same Function's bodies, the running statistics updated inside (one call); where
+    # autograd records nothing (no_grad, inference, frozen inputs), the bodies without the node.
+    if not _function.records_graph(input, weight, bias):
+        return _function.eager_forward(input, weight, bias, eps, backward, running_mean, running_var, momentum)[0]
     return _function.EagerBatchNormFunction.apply(input, weight, bias, eps, backward, running_mean, running_var,
                                                   momentum)
 
