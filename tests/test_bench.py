@@ -23,6 +23,19 @@ def test_mlp_rows_time_native_torch_bn_and_the_python_path(monkeypatch):
     assert {(50, 100), (50, 50)} <= set(bn.MLP_SHAPES)
 
 
+def test_mlp_repeats_take_the_median_time_and_the_median_ratio():
+    """--repeats: per shape the median of each time over the repeats, and of each ratio to native
+    taken within a repeat (not the ratio of the medians)."""
+    def row(native, ours):
+        return {"shape": [50, 100], "native_fwd_s": native, "torch_bn_fwd_s": ours}
+    repeats = [[row(1.0, 2.0)], [row(2.0, 2.0)], [row(4.0, 2.0)]]
+    (r,) = bn.median_rows(repeats)
+    assert r["native_fwd_s"] == 2.0 and r["torch_bn_fwd_s"] == 2.0 and r["repeats"] == 3
+    assert r["torch_bn_fwd_ratio"] == 1.0 and r["native_fwd_ratio"] == 1.0
+    (r,) = bn.median_rows([[row(1.0, 1.5)], [row(10.0, 11.0)], [row(2.0, 4.0)]])
+    assert r["torch_bn_fwd_ratio"] == 1.5  # ratios 1.5, 1.1, 2.0; the ratio of medians would be 2.0
+
+
 def test_table_cases_layouts_threads_and_columns():
     """4D shapes in both layouts, 2D contiguous only; --threads takes a list; each row names its
     layout and thread count, and the markdown table shows them with the % of bound."""
