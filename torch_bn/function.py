@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import cpp, dispatch, fused, ops
 
@@ -78,35 +79,42 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, _dmean, _dvar):
-        x, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        double_backward = torch.is_grad_enabled()
-        path = dispatch.choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward,
-                                    reference=ctx.reference)
-        if path == "cpp":
-            dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, need_x)
-        elif path == "triton":
-            dx, dweight, dbias = torch.ops.torch_bn.triton_backward(dy, x, mean, rstd, weight)
-        elif path == "fused":
-            dx, dweight, dbias = fused.closed_form_backward(dy, x, mean, rstd, weight)
-        else:
-            if double_backward:
-                # mean and var are functions of x: recompute them with differentiable ops
-                # instead of using the forward's constants.
-                mean, var = ops.batch_stats(x)
-                rstd = torch.rsqrt(var + ctx.eps)
-            xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
-            impl = ops.closed_form_backward if ctx.backward == "closed_form" else ops.staged_backward
-            dx, dweight, dbias = impl(dy, xhat, rstd, weight)
-        return (
-            dx if need_x else None,
-            _as_dtype(dweight, weight.dtype) if need_w else None,
-            _as_dtype(dbias, ctx.bias_dtype) if need_b else None,
-            None,
-            None,
-        )
+        dx, dweight, dbias = gradients(ctx, dy)
+        return dx, dweight, dbias, None, None
+
+
+def gradients(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The backward of :class:`BatchNormFunction` and its siblings: dx, dweight, dbias (None where
+    not needed) from dy and what the forward saved, on the path :func:`~torch_bn.dispatch.choose_path`
+    picks for the backward."""
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    double_backward = torch.is_grad_enabled()
+    path = dispatch.choose_path(x, staged=ctx.backward == "staged", double_backward=double_backward,
+                                reference=ctx.reference)
+    if path == "cpp":
+        dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, need_x)
+    elif path == "triton":
+        dx, dweight, dbias = torch.ops.torch_bn.triton_backward(dy, x, mean, rstd, weight)
+    elif path == "fused":
+        dx, dweight, dbias = fused.closed_form_backward(dy, x, mean, rstd, weight)
+    else:
+        if double_backward:
+            # mean and var are functions of x: recompute them with differentiable ops
+            # instead of using the forward's constants.
+            mean, var = ops.batch_stats(x)
+            rstd = torch.rsqrt(var + ctx.eps)
+        xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
+        impl = ops.closed_form_backward if ctx.backward == "closed_form" else ops.staged_backward
+        dx, dweight, dbias = impl(dy, xhat, rstd, weight)
+    # The kernels return dweight and dbias in the compute dtype: cast to the parameters' dtype.
+    if need_w and dweight.dtype != weight.dtype:
+        dweight = dweight.to(weight.dtype)
+    if need_b and dbias.dtype != ctx.bias_dtype:
+        dbias = dbias.to(ctx.bias_dtype)
+    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None
 
 
 class EagerBatchNormFunction(BatchNormFunction):
@@ -143,7 +151,7 @@ class EagerBatchNormFunction(BatchNormFunction):
             update_running_stats(running_mean, running_var, mean, var, x, momentum)
             rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, rstd)
-        if torch.autograd.forward_ad._current_level >= 0:  # jvp runs only within a dual level
+        if forward_ad._current_level >= 0:  # jvp runs only within a dual level
             ctx.save_for_forward(x, weight, mean, rstd)
         ctx.eps = eps
         ctx.backward = backward
@@ -157,11 +165,10 @@ class EagerBatchNormFunction(BatchNormFunction):
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
-        return BatchNormFunction.backward(ctx, dy, None, None) + (None, None, None)
-
-
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+        if dy is None:
+            return None, None, None, None, None, None, None, None
+        dx, dweight, dbias = gradients(ctx, dy)
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,

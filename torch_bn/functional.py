@@ -65,26 +65,50 @@ def check_input(input: Tensor, training: bool, eps: float, running_mean: Tensor 
     exception types (a caller's ``except`` written for ``F.batch_norm`` catches these).
     check_count=False leaves out the "more than 1 value per channel" check (synchronized batch
     norm counts over every rank)."""
-    if not input.is_floating_point():
+    # Ordered so that valid input, the common case, costs few Python operations: at the MLP's
+    # (50, 100) the whole layer takes ~150 us, and every check runs on every call.
+    shape, dtype = input.shape, input.dtype
+    if not dtype.is_floating_point:
         raise UnsupportedDtypeError(
-            f"batch_norm expects a floating-point input, got {input.dtype}; "
-            f"convert it first, e.g. input.float()")
-    if input.dim() < 2:
-        raise InputShapeError(f"batch_norm expects input of shape (N, C) or (N, C, *), got {input.dim()}D input "
-                              f"of shape {tuple(input.shape)}; add a batch dimension, e.g. input.unsqueeze(0)")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}; "
-                         f"use a small positive eps such as 1e-5")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}; use e.g. 1e-5")
-    if (running_mean is None) != (running_var is None):
-        raise RunningStatsError("running_mean and running_var must either both be None or neither be None; "
-                                "pass both (training updates them, evaluation uses them) or neither")
-    if not training and running_mean is None:
-        raise RunningStatsError("batch_norm in evaluation mode (training=False) needs running_mean and "
-                                "running_var; pass them, or use training=True for batch statistics")
+            f"batch_norm expects a floating-point input, got {dtype}; convert it first, e.g. input.float()")
+    if len(shape) < 2:
+        raise InputShapeError(f"batch_norm expects input of shape (N, C) or (N, C, *), got {len(shape)}D input "
+                              f"of shape {tuple(shape)}; add a batch dimension, e.g. input.unsqueeze(0)")
+    if eps <= 0.0 and (training or eps < 0.0):
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}; use a small positive "
+                         f"eps such as 1e-5" if training else
+                         f"batch_norm eps must be non-negative, but got {eps}; use e.g. 1e-5")
+    if running_mean is None:
+        if running_var is not None:
+            raise RunningStatsError(_ONE_RUNNING_STAT)
+        if not training:
+            raise RunningStatsError("batch_norm in evaluation mode (training=False) needs running_mean and "
+                                    "running_var; pass them, or use training=True for batch statistics")
+    elif running_var is None:
+        raise RunningStatsError(_ONE_RUNNING_STAT)
+    channels = shape[1]
+    for v in (running_mean, running_var, weight, bias):
+        if v is not None and (v.dtype != dtype or v.numel() != channels):
+            _check_parameters(input, (("running_mean", running_mean), ("running_var", running_var),
+                                      ("weight", weight), ("bias", bias)))
+            break
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
+        raise RuntimeError("running_mean and running_var must not require grad: batch norm does not "
+                           "differentiate with respect to them (PyTorch neither); pass them detached, "
+                           "e.g. running_mean.detach(), or register them as buffers")
+    if training and check_count and shape[0] == 1 and math.prod(shape[2:]) == 1:
+        # Same message as PyTorch: a variance needs at least two values per channel.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+_ONE_RUNNING_STAT = ("running_mean and running_var must either both be None or neither be None; "
+                     "pass both (training updates them, evaluation uses them) or neither")
+
+
+def _check_parameters(input: Tensor, named: tuple[tuple[str, Tensor | None], ...]) -> None:
+    """The channel count and dtype of weight, bias and the running statistics, where one differs
+    from the input's: an error, or nothing for float32 ones with float16/bfloat16 input."""
     channels = input.shape[1]
-    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
     for name, v in named:
         if v is not None and v.numel() != channels:
             raise ChannelMismatchError(
@@ -92,13 +116,6 @@ def check_input(input: Tensor, training: bool, eps: float, running_mean: Tensor 
                 f"in shape {tuple(input.shape)}; build the layer with num_features={channels} "
                 f"or feed it input with {v.numel()} channels")
     _check_dtypes(input, named)
-    if running_mean is not None and torch.is_grad_enabled() and (running_mean.requires_grad or running_var.requires_grad):
-        raise RuntimeError("running_mean and running_var must not require grad: batch norm does not "
-                           "differentiate with respect to them (PyTorch neither); pass them detached, "
-                           "e.g. running_mean.detach(), or register them as buffers")
-    if training and check_count and input.shape[0] * math.prod(input.shape[2:]) == 1:
-        # Same message as PyTorch: a variance needs at least two values per channel.
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
 def batch_norm(

@@ -87,17 +87,23 @@ def batch_norm_arguments(module: nn.modules.batchnorm._NormBase
     running_var (None where they are not used or updated), whether to normalize with batch
     statistics, and the averaging factor. In training it counts the batch in num_batches_tracked.
     Shared by the modules here and :class:`torch_bn.SyncBatchNorm`."""
+    # Each attribute read once: buffers go through nn.Module.__getattr__, a cost per call that
+    # shows at the MLP's (50, 100), where the whole layer takes ~150 us.
+    training, momentum = module.training, module.momentum
+    running_mean, running_var = module.running_mean, module.running_var
     # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:
-            factor = 1.0 / float(module.num_batches_tracked)
-    # Batch statistics in training, and in eval too when no running statistics are kept.
-    use_batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    track = not module.training or module.track_running_stats
-    return (module.running_mean if track else None, module.running_var if track else None,
-            use_batch_stats, factor)
+    factor = 0.0 if momentum is None else momentum
+    if training and module.track_running_stats:
+        count = module.num_batches_tracked
+        if count is not None:
+            count.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(count)
+        return running_mean, running_var, True, factor
+    if training:  # running statistics not tracked: neither used nor updated
+        return None, None, True, factor
+    # Evaluation: the running statistics, or batch statistics where none are kept.
+    return running_mean, running_var, running_mean is None and running_var is None, factor
 
 
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -140,7 +146,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if _func.recording():  # inside torch_bn.func.functional_call: new buffers returned, none written
             return _func.stateless_forward(self, input, mask)
         running_mean, running_var, use_batch_stats, factor = batch_norm_arguments(self)
-        function, keywords = self.functional(mask, self.num_batches_tracked, stateless=False)
+        function, keywords = self.functional(mask, None, stateless=False)
         return function(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
                         self.eps, **keywords)
 
@@ -148,7 +154,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         """The functional call this layer's forward makes (in place, or the stateless form inside
         :func:`torch_bn.func.functional_call`) and its keywords beyond ``F.batch_norm``'s.
         num_batches_tracked: the count after this batch's increment (batch renormalization's
-        warm-up reads it)."""
+        warm-up reads it), or None for the module's own buffer (the in-place forward, which has
+        just incremented it)."""
         return (batch_norm_stateless if stateless else batch_norm), {"backward": self.backward, "mask": mask}
 
 
@@ -325,6 +332,8 @@ class _BatchRenorm(_BatchNorm):
         if mask is not None:
             raise ValueError(f"{type(self).__name__} does not take a mask: batch renormalization with "
                              f"masked statistics is not implemented")
+        if num_batches_tracked is None:
+            num_batches_tracked = self.num_batches_tracked
         if (self.training and self.warmup_steps and num_batches_tracked is not None
                 and int(num_batches_tracked) <= self.warmup_steps):
             return (batch_norm_stateless if stateless else batch_norm), {}  # warm-up: r = 1, d = 0
