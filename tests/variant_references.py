@@ -71,3 +71,10 @@ def masked_reference(x, w, b, mask, eps, running_mean=None, running_var=None, mo
     new_mean = (1 - momentum) * running_mean + momentum * mu.detach()
     new_var = (1 - momentum) * running_var + momentum * counted.var(0, correction=1).detach()
     return y, new_mean, new_var
+
+
+def ghost_chunk_stats(x, virtual_batch_size):
+    """Each chunk's mean and biased variance per channel, (chunks, C): a Python loop over the chunks."""
+    chunks = [x[start:start + virtual_batch_size] for start in range(0, x.shape[0], virtual_batch_size)]
+    return (torch.stack([c.mean(_dims(c)) for c in chunks]),
+            torch.stack([c.var(_dims(c), correction=0) for c in chunks]))

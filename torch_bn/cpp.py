@@ -1,7 +1,9 @@
-"""The compiled CPU ops ``torch.ops.torch_bn_cpp.batch_norm_forward`` / ``batch_norm_backward``:
-built on first use (or ahead of time by ``python -m torch_bn.build``), or done without.
+"""The compiled CPU ops ``torch.ops.torch_bn_cpp.batch_norm_forward`` / ``batch_norm_backward`` (and
+ghost batch norm's ``ghost_batch_norm_forward`` / ``ghost_batch_norm_backward``): built on first
+use (or ahead of time by ``python -m torch_bn.build``), or done without.
 
-``csrc/`` holds the C++ bodies of :class:`torch_bn.function.BatchNormFunction` on CPU: ``ops.cpp``
+``csrc/`` holds the C++ bodies of :class:`torch_bn.function.BatchNormFunction` (and of
+:class:`torch_bn.ghost.GhostBatchNormFunction`) on CPU: ``ops.cpp``
 (the torch.library schemas, input checks, CPU and Meta implementations) and ``kernels.cpp`` (the
 loops, behind ``kernels.h``). There is no C++ autograd node: the Python Function calls the forward
 op in its forward and the backward op in its backward. :func:`op` compiles the library with
@@ -131,6 +133,19 @@ def _backward_fake(dy, x, weight, mean, rstd, need_dx):
     return _output_like(x) if need_dx else x.new_empty(0), stats, torch.empty_like(stats)
 
 
+def _ghost_forward_fake(x, weight, bias, virtual_batch_size, eps):
+    _check_fake(x)
+    chunks = -(-x.shape[0] // min(virtual_batch_size, x.shape[0]))
+    stats = x.new_empty((chunks, x.shape[1]), dtype=torch.promote_types(x.dtype, torch.float32))
+    return _output_like(x), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+
+def _ghost_backward_fake(dy, x, weight, mean, rstd, virtual_batch_size, need_dx):
+    _check_fake(x)
+    stats = x.new_empty(x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+    return _output_like(x) if need_dx else x.new_empty(0), stats, torch.empty_like(stats)
+
+
 _fakes_registered = False
 
 
@@ -140,9 +155,13 @@ def _loaded() -> SimpleNamespace:
     if not _fakes_registered:
         torch.library.register_fake("torch_bn_cpp::batch_norm_forward")(_forward_fake)
         torch.library.register_fake("torch_bn_cpp::batch_norm_backward")(_backward_fake)
+        torch.library.register_fake("torch_bn_cpp::ghost_batch_norm_forward")(_ghost_forward_fake)
+        torch.library.register_fake("torch_bn_cpp::ghost_batch_norm_backward")(_ghost_backward_fake)
         _fakes_registered = True
     ns = torch.ops.torch_bn_cpp
-    return SimpleNamespace(forward=ns.batch_norm_forward.default, backward=ns.batch_norm_backward.default)
+    return SimpleNamespace(forward=ns.batch_norm_forward.default, backward=ns.batch_norm_backward.default,
+                           ghost_forward=ns.ghost_batch_norm_forward.default,
+                           ghost_backward=ns.ghost_batch_norm_backward.default)
 
 
 def build() -> tuple[SimpleNamespace, Path, float | None]:
@@ -189,9 +208,10 @@ def build() -> tuple[SimpleNamespace, Path, float | None]:
 
 
 def op() -> SimpleNamespace | None:
-    """The compiled ops, as ``.forward`` (``torch.ops.torch_bn_cpp.batch_norm_forward.default``)
-    and ``.backward``, built on first call; None where they are switched off (``ENABLED``) or
-    cannot be built (then one RuntimeWarning says why and what to do)."""
+    """The compiled ops, as ``.forward`` (``torch.ops.torch_bn_cpp.batch_norm_forward.default``),
+    ``.backward``, ``.ghost_forward`` and ``.ghost_backward``, built on first call; None where they
+    are switched off (``ENABLED``) or cannot be built (then one RuntimeWarning says why and what
+    to do)."""
     global _ops
     if not ENABLED:
         return None

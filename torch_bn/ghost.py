@@ -9,16 +9,23 @@ in one call over a (G, V, C, S) view of the batch (two where N is not a multiple
 Python loop over chunks. The layers are ``torch_bn.GhostBatchNorm1d/2d/3d``; the functional form is
 ``torch_bn.functional.batch_norm(..., virtual_batch_size=V)``.
 
+On CPU, where :func:`torch_bn.dispatch.choose_path` picks the compiled op, the bodies are one
+call each of the compiled ghost ops of :mod:`torch_bn.cpp` (``ghost_forward`` / ``ghost_backward``):
+plain batch norm's loops run on each chunk in place, since a chunk of a contiguous or
+channels-last batch is one block of memory. Everywhere else (the reference switch, double
+backward, torch.func transforms, torch.compile, CUDA, no compiled op) the bodies are the reference
+ops, so ``torch_bn.use_path("reference")`` runs them and an edit there takes effect.
+
 A sibling of :class:`~torch_bn.function.BatchNormFunction`: its statistics are per chunk, so it
 returns and saves (G, C) statistics and takes the chunk size; it lives in its own file because
-it shares none of function.py's path choice (its bodies are the reference ops on every device).
+its bodies are its own (ghost batch norm has no fused or Triton body).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import cpp, dispatch, ops
 from .eager import eager_twin
 
 
@@ -51,7 +58,9 @@ class GhostBatchNormFunction(torch.autograd.Function):
     (number of chunks, C) in compute dtype, not differentiable (callers average the means and
     variances into the running statistics).
     Saves x, weight and the per-chunk mean and rstd; the backward is the closed form per chunk,
-    built from differentiable ops when autograd records it (double backward).
+    built from differentiable ops when autograd records it (double backward). Bodies: the
+    compiled ghost ops where :func:`~torch_bn.dispatch.choose_path` says "cpp", else the
+    reference ops of :mod:`torch_bn.ops` (ghost batch norm has no fused or Triton body).
     """
 
     generate_vmap_rule = True
@@ -59,6 +68,8 @@ class GhostBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 virtual_batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if dispatch.choose_path(x) == "cpp":
+            return tuple(cpp.op().ghost_forward(x, weight, bias, virtual_batch_size, eps))
         c = x.shape[1]
         pieces = [ops.chunk_forward(xg, weight, bias, eps)  # one view, or two with a smaller last chunk
                   for xg in ops.ghost_chunks(x, virtual_batch_size)]
@@ -77,6 +88,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.save_for_forward(x, weight, mean, rstd)
         ctx.eps, ctx.virtual_batch_size = eps, virtual_batch_size
+        ctx.reference = dispatch.current_path() == "reference"
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -92,7 +104,13 @@ class GhostBatchNormFunction(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
-        if torch.is_grad_enabled():  # double backward: the statistics as functions of x
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        double_backward = torch.is_grad_enabled()
+        if dispatch.choose_path(x, double_backward=double_backward, reference=ctx.reference) == "cpp":
+            dx, dweight, dbias = cpp.op().ghost_backward(dy, x, weight, mean, rstd, ctx.virtual_batch_size, need_x)
+            return (dx if need_x else None, dweight.to(weight.dtype) if need_w else None,
+                    dbias.to(ctx.bias_dtype) if need_b else None, None, None)
+        if double_backward:  # the statistics as functions of x
             stats = [ops.chunk_stats(xg) for xg in ops.ghost_chunks(x, ctx.virtual_batch_size)]
             mean = torch.cat([m.view(-1, x.shape[1]) for m, _ in stats])
             rstd = torch.rsqrt(torch.cat([v.view(-1, x.shape[1]) for _, v in stats]) + ctx.eps)
@@ -102,7 +120,6 @@ class GhostBatchNormFunction(torch.autograd.Function):
             dxg, dw, db = ops.chunk_backward(dys[i], xhat, rstd, weight)
             dxs.append(dxg)
             dweight, dbias = dweight + dw, dbias + db
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (_unchunk(dxs, x) if need_x else None, dweight.to(weight.dtype) if need_w else None,
                 dbias.to(ctx.bias_dtype) if need_b else None, None, None)
 

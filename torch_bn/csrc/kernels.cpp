@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace torch_bn_cpp {
@@ -493,149 +494,264 @@ Tensor channel_vector(const Tensor& v, at::ScalarType dtype) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(const Tensor& input, const Tensor& weight,
-                                                          const Tensor& bias, double eps) {
+namespace {
+
+// Block k of n samples cut into blocks of v (the last may be smaller): its first sample, its
+// sample count, and its geometry (rows: the block's rows; planes: its samples). A block of a
+// contiguous or channels-last tensor is one run of memory, numel / n elements a sample.
+struct Block {
+  int64_t start, count;
+  Geometry g;
+};
+
+Block block(const Geometry& g, int64_t n, int64_t v, int64_t k) {
+  const int64_t start = k * v, count = std::min(v, n - start);
+  Geometry gk = g;
+  if (count != n) gk.n = g.rows ? g.n / n * count : count;
+  return {start, count, gk};
+}
+
+int64_t block_count(int64_t n, int64_t v) { return n == 0 ? 1 : (n + v - 1) / v; }
+
+// The forward over each block of v samples of x (v = N: the whole batch; v < N: ghost batches),
+// each with its own statistics: x and y laid out as whole says (contiguous, or channels-last),
+// mean, var and rstd (blocks * C) contiguous, written block after block.
+void forward_into(const Tensor& x, const Geometry& whole, const Tensor& w, const Tensor& b, double eps, int64_t v,
+                  const Tensor& y, const Tensor& mean, const Tensor& var, const Tensor& rstd) {
+  const int64_t C = whole.c, n = x.size(0), per_sample = n == 0 ? 0 : x.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_forward_kernel", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<opmath_t> scale(C), shift(C);
+    ChannelOut<opmath_t> out{nullptr, nullptr, nullptr, scale.data(), shift.data(),
+                             w.defined() ? w.const_data_ptr<opmath_t>() : nullptr,
+                             b.defined() ? b.const_data_ptr<opmath_t>() : nullptr, eps};
+    for (int64_t k = 0, blocks = block_count(n, v); k < blocks; ++k) {
+      const Block blk = block(whole, n, v, k);
+      const Geometry& g = blk.g;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>() + blk.start * per_sample;
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>() + blk.start * per_sample;
+      out.mean = mean.mutable_data_ptr<opmath_t>() + k * C;
+      out.var = var.mutable_data_ptr<opmath_t>() + k * C;
+      out.rstd = rstd.mutable_data_ptr<opmath_t>() + k * C;
+      if (g.rows) {
+        const int64_t R = g.n;
+        const int64_t chunks = row_chunks(R, C);
+        std::vector<Moments> st(std::max<int64_t>(chunks, 1) * C);
+        for_chunks(chunks, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) {
+            rows_moments(xp, C, k * R / chunks, (k + 1) * R / chunks, st.data() + k * C);
+          }
+        });
+        for (int64_t c = 0; c < C; ++c) {
+          Moments m = st[c];
+          for (int64_t k = 1; k < chunks; ++k) {
+            const Moments& o = st[k * C + c];
+            m.merge(o.n, o.mean, o.m2);
+          }
+          out.set(c, m);
+        }
+        const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
+        at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+          rows_affine<false>(xp, xp, C, r0, r1, out.scale, out.mean, out.scale, out.shift, yp);
+        });
+      } else {
+        const int64_t N = g.n, L = g.l;
+        const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1));
+        at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            Moments m;
+            plane_moments(xp + c * L, N, L, C * L, m);
+            out.set(c, m);
+            for (int64_t i = 0; i < N; ++i) {
+              const int64_t o = (i * C + c) * L;
+              run_affine<false>(xp, xp + o, L, opmath_t(0), out.mean[c], out.scale[c], out.shift[c], yp + o);
+            }
+          }
+        });
+      }
+    }
+  });
+}
+
+// x as the kernels read it (contiguous, or channels-last read in place), its geometry, and weight
+// and bias as op-math vectors, checked.
+struct Prepared {
+  Geometry g;
+  Tensor x, w, b;
+};
+
+Prepared prepare(const Tensor& input, const Tensor& weight, const Tensor& bias, const char* name) {
   TORCH_CHECK(input.device().is_cpu() && input.dim() >= 2 && at::isFloatingType(input.scalar_type()),
-              "torch_bn forward_kernel expects a (N, C, *) floating CPU tensor, got ", input.scalar_type(), " ",
+              "torch_bn ", name, " expects a (N, C, *) floating CPU tensor, got ", input.scalar_type(), " ",
               input.sizes(), " on ", input.device());
   const Geometry g = geometry(input);
   const Tensor x = g.rows && g.format != at::MemoryFormat::Contiguous ? input : input.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
   const Tensor w = channel_vector(weight, acc), b = channel_vector(bias, acc);
-  const int64_t C = g.c;
-  TORCH_CHECK(!w.defined() || w.numel() == C, "weight has ", w.numel(), " elements, expected ", C);
-  TORCH_CHECK(!b.defined() || b.numel() == C, "bias has ", b.numel(), " elements, expected ", C);
-  Tensor y = at::empty_like(x, g.format);
-  Tensor mean = at::empty({C}, x.options().dtype(acc));
-  Tensor var = at::empty({C}, x.options().dtype(acc));
-  Tensor rstd = at::empty({C}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_forward_kernel", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    std::vector<opmath_t> scale(C), shift(C);
-    ChannelOut<opmath_t> out{mean.mutable_data_ptr<opmath_t>(), var.mutable_data_ptr<opmath_t>(),
-                             rstd.mutable_data_ptr<opmath_t>(), scale.data(), shift.data(),
-                             w.defined() ? w.const_data_ptr<opmath_t>() : nullptr,
-                             b.defined() ? b.const_data_ptr<opmath_t>() : nullptr, eps};
-    if (g.rows) {
-      const int64_t R = g.n;
-      const int64_t chunks = row_chunks(R, C);
-      std::vector<Moments> st(std::max<int64_t>(chunks, 1) * C);
-      for_chunks(chunks, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          rows_moments(xp, C, k * R / chunks, (k + 1) * R / chunks, st.data() + k * C);
-        }
-      });
-      for (int64_t c = 0; c < C; ++c) {
-        Moments m = st[c];
-        for (int64_t k = 1; k < chunks; ++k) {
-          const Moments& o = st[k * C + c];
-          m.merge(o.n, o.mean, o.m2);
-        }
-        out.set(c, m);
-      }
-      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
-      at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-        rows_affine<false>(xp, xp, C, r0, r1, out.scale, out.mean, out.scale, out.shift, yp);
-      });
-    } else {
-      const int64_t N = g.n, L = g.l;
-      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1));
-      at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          Moments m;
-          plane_moments(xp + c * L, N, L, C * L, m);
-          out.set(c, m);
-          for (int64_t i = 0; i < N; ++i) {
-            const int64_t o = (i * C + c) * L;
-            run_affine<false>(xp, xp + o, L, opmath_t(0), out.mean[c], out.scale[c], out.shift[c], yp + o);
-          }
-        }
-      });
-    }
-  });
+  TORCH_CHECK(!w.defined() || w.numel() == g.c, "weight has ", w.numel(), " elements, expected ", g.c);
+  TORCH_CHECK(!b.defined() || b.numel() == g.c, "bias has ", b.numel(), " elements, expected ", g.c);
+  return {g, x, w, b};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(const Tensor& input, const Tensor& weight,
+                                                          const Tensor& bias, double eps) {
+  const Prepared p = prepare(input, weight, bias, "forward_kernel");
+  const auto opts = p.x.options().dtype(at::toOpMathType(p.x.scalar_type()));
+  Tensor y = at::empty_like(p.x, p.g.format);
+  Tensor mean = at::empty({p.g.c}, opts), var = at::empty({p.g.c}, opts), rstd = at::empty({p.g.c}, opts);
+  forward_into(p.x, p.g, p.w, p.b, eps, std::max<int64_t>(p.x.size(0), 1), y, mean, var, rstd);
   return {y, mean, var, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& grad, const Tensor& input, const Tensor& weight,
-                                                   const Tensor& mean_in, const Tensor& rstd_in, bool need_dx) {
-  TORCH_CHECK(grad.sizes() == input.sizes(), "torch_bn backward_kernel: the gradient's shape ", grad.sizes(),
-              " differs from the input's ", input.sizes());
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "torch_bn backward_kernel: the gradient's dtype ",
-              grad.scalar_type(), " differs from the input's ", input.scalar_type());
-  const Geometry g = geometry(input);
-  const Tensor x = g.rows && g.format != at::MemoryFormat::Contiguous ? input : input.contiguous();
-  const Tensor dy = grad.contiguous(g.format);
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const Tensor w = channel_vector(weight, acc);
-  const Tensor mean = channel_vector(mean_in, acc), rstd = channel_vector(rstd_in, acc);
-  const int64_t C = g.c;
-  Tensor dweight = at::empty({C}, x.options().dtype(acc));
-  Tensor dbias = at::empty({C}, x.options().dtype(acc));
-  Tensor dx = need_dx ? at::empty_like(x, g.format) : Tensor();
-  const double M = static_cast<double>(C == 0 ? 0 : x.numel() / C);
+std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_forward_kernel(const Tensor& input, const Tensor& weight,
+                                                                const Tensor& bias, int64_t virtual_batch_size,
+                                                                double eps) {
+  const Prepared p = prepare(input, weight, bias, "ghost_forward_kernel");
+  TORCH_CHECK(virtual_batch_size >= 1, "torch_bn ghost_forward_kernel: virtual_batch_size must be >= 1, got ",
+              virtual_batch_size);
+  const int64_t chunks = block_count(p.x.size(0), virtual_batch_size);
+  const auto opts = p.x.options().dtype(at::toOpMathType(p.x.scalar_type()));
+  Tensor y = at::empty_like(p.x, p.g.format);
+  Tensor mean = at::empty({chunks, p.g.c}, opts), var = at::empty({chunks, p.g.c}, opts);
+  Tensor rstd = at::empty({chunks, p.g.c}, opts);
+  forward_into(p.x, p.g, p.w, p.b, eps, virtual_batch_size, y, mean, var, rstd);
+  return {y, mean, var, rstd};
+}
+
+namespace {
+
+// The closed-form backward over each block of v samples (as forward_into's): dy, x and dx laid out
+// as whole says; mean, rstd (blocks * C) each block's statistics; dweight, dbias (blocks * C)
+// each block's sums, written.
+void backward_into(const Tensor& dy, const Tensor& x, const Geometry& whole, const Tensor& w, const Tensor& mean,
+                   const Tensor& rstd, int64_t v, bool need_dx, const Tensor& dx, const Tensor& dweight,
+                   const Tensor& dbias) {
+  const int64_t C = whole.c, n = x.size(0), per_sample = n == 0 ? 0 : x.numel() / n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_backward_kernel", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const opmath_t* mp = mean.const_data_ptr<opmath_t>();
-    const opmath_t* rp = rstd.const_data_ptr<opmath_t>();
     const opmath_t* wp = w.defined() ? w.const_data_ptr<opmath_t>() : nullptr;
-    opmath_t* dwp = dweight.mutable_data_ptr<opmath_t>();
-    opmath_t* dbp = dbias.mutable_data_ptr<opmath_t>();
-    scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     std::vector<opmath_t> alpha(C), beta(C), gamma(C);
-    // dbias, dweight and dx's coefficients from the sums of one channel.
-    auto finish = [&](int64_t c, double s1, double s2) {
-      const double r = static_cast<double>(rp[c]);
-      const double gc = wp ? r * static_cast<double>(wp[c]) : r;
-      dbp[c] = static_cast<opmath_t>(s1);
-      dwp[c] = static_cast<opmath_t>(r * s2);
-      alpha[c] = static_cast<opmath_t>(gc);
-      beta[c] = static_cast<opmath_t>(-gc * r * r * s2 / M);
-      gamma[c] = static_cast<opmath_t>(-gc * s1 / M);
-    };
-    if (g.rows) {
-      const int64_t R = g.n;
-      const int64_t chunks = row_chunks(R, C);
-      std::vector<double> s1(std::max<int64_t>(chunks, 1) * C, 0.0), s2(std::max<int64_t>(chunks, 1) * C, 0.0);
-      for_chunks(chunks, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          rows_grad_sums(dyp, xp, C, k * R / chunks, (k + 1) * R / chunks, mp, s1.data() + k * C,
-                         s2.data() + k * C);
-        }
-      });
-      for (int64_t c = 0; c < C; ++c) {
-        double t1 = s1[c], t2 = s2[c];
-        for (int64_t k = 1; k < chunks; ++k) {
-          t1 += s1[k * C + c];
-          t2 += s2[k * C + c];
-        }
-        finish(c, t1, t2);
-      }
-      if (need_dx) {
-        const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
-        at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-          rows_affine<true>(dyp, xp, C, r0, r1, alpha.data(), mp, beta.data(), gamma.data(), dxp);
+    for (int64_t k = 0, blocks = block_count(n, v); k < blocks; ++k) {
+      const Block blk = block(whole, n, v, k);
+      const Geometry& g = blk.g;
+      const double M = static_cast<double>(C == 0 ? 0 : blk.count * per_sample / C);
+      const scalar_t* xp = x.const_data_ptr<scalar_t>() + blk.start * per_sample;
+      const scalar_t* dyp = dy.const_data_ptr<scalar_t>() + blk.start * per_sample;
+      const opmath_t* mp = mean.const_data_ptr<opmath_t>() + k * C;
+      const opmath_t* rp = rstd.const_data_ptr<opmath_t>() + k * C;
+      opmath_t* dwp = dweight.mutable_data_ptr<opmath_t>() + k * C;
+      opmath_t* dbp = dbias.mutable_data_ptr<opmath_t>() + k * C;
+      scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() + blk.start * per_sample : nullptr;
+      // dbias, dweight and dx's coefficients from the sums of one channel.
+      auto finish = [&](int64_t c, double s1, double s2) {
+        const double r = static_cast<double>(rp[c]);
+        const double gc = wp ? r * static_cast<double>(wp[c]) : r;
+        dbp[c] = static_cast<opmath_t>(s1);
+        dwp[c] = static_cast<opmath_t>(r * s2);
+        alpha[c] = static_cast<opmath_t>(gc);
+        beta[c] = static_cast<opmath_t>(-gc * r * r * s2 / M);
+        gamma[c] = static_cast<opmath_t>(-gc * s1 / M);
+      };
+      if (g.rows) {
+        const int64_t R = g.n;
+        const int64_t chunks = row_chunks(R, C);
+        std::vector<double> s1(std::max<int64_t>(chunks, 1) * C, 0.0), s2(std::max<int64_t>(chunks, 1) * C, 0.0);
+        for_chunks(chunks, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) {
+            rows_grad_sums(dyp, xp, C, k * R / chunks, (k + 1) * R / chunks, mp, s1.data() + k * C,
+                           s2.data() + k * C);
+          }
         });
-      }
-    } else {
-      const int64_t N = g.n, L = g.l;
-      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1));
-      at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          double t1, t2;
-          plane_grad_sums(dyp + c * L, xp + c * L, N, L, C * L, mp[c], t1, t2);
+        for (int64_t c = 0; c < C; ++c) {
+          double t1 = s1[c], t2 = s2[c];
+          for (int64_t k = 1; k < chunks; ++k) {
+            t1 += s1[k * C + c];
+            t2 += s2[k * C + c];
+          }
           finish(c, t1, t2);
-          if (need_dx) {
-            for (int64_t i = 0; i < N; ++i) {
-              const int64_t o = (i * C + c) * L;
-              run_affine<true>(dyp + o, xp + o, L, alpha[c], mp[c], beta[c], gamma[c], dxp + o);
+        }
+        if (need_dx) {
+          const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
+          at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+            rows_affine<true>(dyp, xp, C, r0, r1, alpha.data(), mp, beta.data(), gamma.data(), dxp);
+          });
+        }
+      } else {
+        const int64_t N = g.n, L = g.l;
+        const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1));
+        at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            double t1, t2;
+            plane_grad_sums(dyp + c * L, xp + c * L, N, L, C * L, mp[c], t1, t2);
+            finish(c, t1, t2);
+            if (need_dx) {
+              for (int64_t i = 0; i < N; ++i) {
+                const int64_t o = (i * C + c) * L;
+                run_affine<true>(dyp + o, xp + o, L, alpha[c], mp[c], beta[c], gamma[c], dxp + o);
+              }
             }
           }
-        }
-      });
+        });
+      }
+    }
+  });
+}
+
+void check_grad(const Tensor& grad, const Tensor& input, const char* name) {
+  TORCH_CHECK(grad.sizes() == input.sizes(), "torch_bn ", name, ": the gradient's shape ", grad.sizes(),
+              " differs from the input's ", input.sizes());
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "torch_bn ", name, ": the gradient's dtype ",
+              grad.scalar_type(), " differs from the input's ", input.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& grad, const Tensor& input, const Tensor& weight,
+                                                   const Tensor& mean_in, const Tensor& rstd_in, bool need_dx) {
+  check_grad(grad, input, "backward_kernel");
+  const Prepared p = prepare(input, weight, Tensor(), "backward_kernel");
+  const Tensor dy = grad.contiguous(p.g.format);
+  const auto acc = at::toOpMathType(p.x.scalar_type());
+  const Tensor mean = channel_vector(mean_in, acc), rstd = channel_vector(rstd_in, acc);
+  Tensor dweight = at::empty({p.g.c}, p.x.options().dtype(acc));
+  Tensor dbias = at::empty({p.g.c}, p.x.options().dtype(acc));
+  Tensor dx = need_dx ? at::empty_like(p.x, p.g.format) : Tensor();
+  backward_into(dy, p.x, p.g, p.w, mean, rstd, std::max<int64_t>(p.x.size(0), 1), need_dx, dx, dweight, dbias);
+  return {dx, dweight, dbias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ghost_backward_kernel(const Tensor& grad, const Tensor& input,
+                                                         const Tensor& weight, const Tensor& mean_in,
+                                                         const Tensor& rstd_in, int64_t virtual_batch_size,
+                                                         bool need_dx) {
+  check_grad(grad, input, "ghost_backward_kernel");
+  TORCH_CHECK(virtual_batch_size >= 1, "torch_bn ghost_backward_kernel: virtual_batch_size must be >= 1, got ",
+              virtual_batch_size);
+  const Prepared p = prepare(input, weight, Tensor(), "ghost_backward_kernel");
+  const Tensor dy = grad.contiguous(p.g.format);
+  const auto acc = at::toOpMathType(p.x.scalar_type());
+  const Tensor mean = mean_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
+  const int64_t chunks = block_count(p.x.size(0), virtual_batch_size);
+  TORCH_CHECK(mean.numel() == chunks * p.g.c && rstd.numel() == chunks * p.g.c,
+              "torch_bn ghost_backward_kernel: mean and rstd must be (ghost batches, C) = (", chunks, ", ", p.g.c,
+              "), got ", mean.sizes(), " and ", rstd.sizes());
+  Tensor dweights = at::empty({chunks, p.g.c}, p.x.options().dtype(acc));
+  Tensor dbiases = at::empty({chunks, p.g.c}, p.x.options().dtype(acc));
+  Tensor dx = need_dx ? at::empty_like(p.x, p.g.format) : Tensor();
+  backward_into(dy, p.x, p.g, p.w, mean, rstd, virtual_batch_size, need_dx, dx, dweights, dbiases);
+  // The parameters' gradients are the sums over the ghost batches (in double, then op-math).
+  Tensor dweight = at::empty({p.g.c}, dweights.options()), dbias = at::empty({p.g.c}, dbiases.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "torch_bn_ghost_backward_sums", [&] {
+    for (auto [sums, total] : {std::pair{&dweights, &dweight}, std::pair{&dbiases, &dbias}}) {
+      const scalar_t* per_chunk = sums->const_data_ptr<scalar_t>();
+      scalar_t* out = total->mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < p.g.c; ++c) {
+        double t = 0.0;
+        for (int64_t k = 0; k < chunks; ++k) t += static_cast<double>(per_chunk[k * p.g.c + c]);
+        out[c] = static_cast<scalar_t>(t);
+      }
     }
   });
   return {dx, dweight, dbias};

@@ -30,4 +30,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, bool need_dx);
 
+// Ghost batch norm: forward_kernel on each ghost batch of x, the consecutive blocks of
+// virtual_batch_size samples along dim 0 (the last may be smaller), each with its own statistics,
+// read and written in place (a ghost batch of contiguous or channels-last x is a block of memory).
+// Returns y (laid out as forward_kernel's) and mean, biased var, rstd (ghost batches, C) in op-math.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_forward_kernel(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t virtual_batch_size,
+    double eps);
+
+// Its closed-form backward: backward_kernel on each ghost batch, with its (ghost batches, C) mean
+// and rstd; dweight and dbias (C,) are the sums over the ghost batches.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_backward_kernel(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t virtual_batch_size, bool need_dx);
+
 }  // namespace torch_bn_cpp

@@ -1,10 +1,12 @@
-// torch_bn's compiled CPU ops, torch.ops.torch_bn_cpp.batch_norm_forward / batch_norm_backward:
-// the schemas, the input checks, and the CPU implementations, which call the loops of
-// kernels.cpp (interface: kernels.h).
+// torch_bn's compiled CPU ops, torch.ops.torch_bn_cpp.batch_norm_forward / batch_norm_backward
+// and ghost_batch_norm_forward / ghost_batch_norm_backward (ghost batch norm: each ghost batch of
+// samples with its own statistics): the schemas, the input checks, and the CPU implementations,
+// which call the loops of kernels.cpp (interface: kernels.h).
 //
 // There is no autograd node here: the ops are the bodies of torch_bn's Python autograd Function
 // (torch_bn/function.py, BatchNormFunction), which calls batch_norm_forward in its forward and
-// batch_norm_backward in its backward. torch_bn/cpp.py builds and loads this library;
+// batch_norm_backward in its backward; torch_bn/ghost.py's GhostBatchNormFunction likewise calls
+// the ghost ops. torch_bn/cpp.py builds and loads this library;
 // torch_bn/dispatch.py's choose_path decides when these ops run.
 //
 // The fake implementations (outputs' shapes, dtypes and strides without computing them, for
@@ -17,6 +19,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -127,6 +130,52 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const Tensor& 
   return {need_dx ? dx : at::empty({0}, x.options()), dweight, dbias};
 }
 
+// Ghost batch norm: every ghost batch of virtual_batch_size samples (the last may be smaller) needs
+// more than one value per channel, as batch norm does.
+void check_ghost(const char* op, const Tensor& x, int64_t virtual_batch_size) {
+  TORCH_CHECK(virtual_batch_size >= 1, op, ": virtual_batch_size must be a positive number of samples, got ",
+              virtual_batch_size);
+  const int64_t n = x.size(0), per_sample = n == 0 || x.size(1) == 0 ? 1 : x.numel() / (n * x.size(1));
+  const int64_t v = std::min(virtual_batch_size, n), last = n % v == 0 ? v : n % v;
+  TORCH_CHECK(last * per_sample > 1, "Expected more than 1 value per channel when training: ghost batch norm with ",
+              "virtual_batch_size=", virtual_batch_size, " cuts input of size ", x.sizes(), " into ghost batches ",
+              "with ", last * per_sample, " value per channel");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
+                                                             const std::optional<Tensor>& bias,
+                                                             int64_t virtual_batch_size, double eps) {
+  constexpr const char* op = "torch_bn_cpp::ghost_batch_norm_forward";
+  check_cpu(op, x);
+  check_input(op, x, weight, bias);
+  check_ghost(op, x, virtual_batch_size);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  return ghost_forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc),
+                              std::min(virtual_batch_size, x.size(0)), eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> ghost_backward_cpu(const Tensor& dy, const Tensor& x,
+                                                      const std::optional<Tensor>& weight, const Tensor& mean,
+                                                      const Tensor& rstd, int64_t virtual_batch_size, bool need_dx) {
+  constexpr const char* op = "torch_bn_cpp::ghost_batch_norm_backward";
+  check_cpu(op, x);
+  check_cpu(op, dy);
+  check_input(op, x, weight, std::nullopt);
+  check_ghost(op, x, virtual_batch_size);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op, ": the gradient (",
+              dy.scalar_type(), " ", dy.sizes(), ") must have the input's shape and dtype (", x.scalar_type(), " ",
+              x.sizes(), ")");
+  const int64_t v = std::min(virtual_batch_size, x.size(0)), chunks = (x.size(0) + v - 1) / v;
+  const auto acc = at::toOpMathType(x.scalar_type());
+  for (const Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == chunks && t->size(1) == x.size(1) && t->scalar_type() == acc, op,
+                ": mean and rstd must be (ghost batches, C) = (", chunks, ", ", x.size(1), ") in ", acc,
+                " (from ghost_batch_norm_forward), got ", t->sizes(), " in ", t->scalar_type());
+  }
+  auto [dx, dweight, dbias] = ghost_backward_kernel(dy, x, channel_vector(weight, acc), mean, rstd, v, need_dx);
+  return {need_dx ? dx : at::empty({0}, x.options()), dweight, dbias};
+}
+
 }  // namespace
 }  // namespace torch_bn_cpp
 
@@ -138,9 +187,17 @@ TORCH_LIBRARY(torch_bn_cpp, m) {
   // dx (empty when not need_dx), dweight = sum(dy * xhat), dbias = sum(dy).
   m.def("batch_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
+  // Ghost batch norm: y, and mean, biased var, rstd (ghost batches, C) in the op-math dtype.
+  m.def("ghost_batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, int virtual_batch_size, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // dx (empty when not need_dx), dweight, dbias (C,) summed over the ghost batches.
+  m.def("ghost_batch_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
+        "int virtual_batch_size, bool need_dx) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(torch_bn_cpp, CPU, m) {
   m.impl("batch_norm_forward", &torch_bn_cpp::forward_cpu);
   m.impl("batch_norm_backward", &torch_bn_cpp::backward_cpu);
+  m.impl("ghost_batch_norm_forward", &torch_bn_cpp::ghost_forward_cpu);
+  m.impl("ghost_batch_norm_backward", &torch_bn_cpp::ghost_backward_cpu);
 }
