@@ -88,7 +88,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.save_for_forward(x, weight, mean, rstd)
         ctx.eps, ctx.virtual_batch_size = eps, virtual_batch_size
-        ctx.reference = dispatch.current_path() == "reference"
+        ctx.path = dispatch.choose_path(x)  # what forward ran on: the backward takes the same path
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -106,7 +106,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
             return None, None, None, None, None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         double_backward = torch.is_grad_enabled()
-        if dispatch.choose_path(x, double_backward=double_backward, reference=ctx.reference) == "cpp":
+        if dispatch.backward_path(ctx.path, staged=False, double_backward=double_backward) == "cpp":
             dx, dweight, dbias = cpp.op().ghost_backward(dy, x, weight, mean, rstd, ctx.virtual_batch_size, need_x)
             return (dx if need_x else None, dweight.to(weight.dtype) if need_w else None,
                     dbias.to(ctx.bias_dtype) if need_b else None, None, None)
