@@ -367,3 +367,31 @@ def test_build_command_without_a_compiler_says_why(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch_bn.build"], env=env, capture_output=True, text=True)
     assert result.returncode == 1, result
     assert "cannot build the compiled CPU op" in result.stderr and "pip install ninja" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="PyTorch's CPU threads are OpenMP's only in the Linux builds this test reads")
+def test_the_kernels_run_on_torchs_threads(ops):
+    """at::parallel_for has threads only in code compiled with -fopenmp: with 2 threads set, the
+    calling thread does well under all of a large forward's and backward's CPU work (the rest
+    runs on PyTorch's OpenMP threads). Built without OpenMP, it does all of it."""
+    import resource
+    import time
+
+    assert "-fopenmp" in cpp.CFLAGS
+    x, dy = torch.randn(4096, 1024), torch.randn(4096, 1024)
+    w, b = torch.ones(1024), torch.zeros(1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ops.forward(x, w, b, None, None, 0.0, 1e-5)
+        time.sleep(0.5)  # OpenMP's threads stop spinning: their CPU time from here is our kernels'
+        me0, all0 = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(20):
+            _, mean, _, rstd = ops.forward(x, w, b, None, None, 0.0, 1e-5)
+            ops.backward(dy, x, w, mean, rstd, True)
+        me1, all1 = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        torch.set_num_threads(threads)
+    mine, total = me1.ru_utime - me0.ru_utime, all1.ru_utime - all0.ru_utime
+    assert mine < 0.8 * total, f"the calling thread did {mine:.3f} s of {total:.3f} s: the kernels ran on one thread"

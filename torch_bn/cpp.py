@@ -56,7 +56,16 @@ def cpu_flags() -> list[str]:
     return []
 
 
-CFLAGS = ["-O3", *cpu_flags()]
+def parallel_flags() -> list[str]:
+    """OpenMP, where PyTorch's own CPU threads are OpenMP's (``torch.backends.openmp``, the Linux
+    wheels): ``at::parallel_for`` is an inline template whose threads exist only when the code that
+    includes it is compiled with ``-fopenmp`` (otherwise it runs the whole range on the calling
+    thread). The OpenMP runtime is the one PyTorch has loaded (libgomp, a dependency of
+    libtorch_cpu), so ``torch.set_num_threads`` sets our thread count too."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+
+
+CFLAGS = ["-O3", *cpu_flags(), *parallel_flags()]
 
 
 def extension_name() -> str:
