@@ -175,9 +175,11 @@ def test_constant_features_give_exactly_beta(ops, shape, layout, dtype):
 
 
 @pytest.mark.parametrize("shape, layout", [((4096, 64), "contiguous"), ((512, 300), "contiguous"),
-                                           ((16, 8, 32, 32), "contiguous"), ((64, 32, 8, 8), "channels_last")])
+                                           ((16, 8, 32, 32), "contiguous"), ((64, 32, 8, 8), "channels_last"),
+                                           ((4096, 600), "contiguous"), ((16, 40, 64, 64), "channels_last")])
 def test_one_and_two_threads_agree_with_the_equations(ops, shape, layout):
-    """Large enough to split over two threads (rows: row chunks merged afterwards; planes: channels)."""
+    """Large enough to split over two threads (rows: row chunks merged afterwards; planes: channels);
+    the last two make y and dx of 9-10 MiB, which the kernels back by transparent huge pages."""
     x, dy, w, b = make(shape, torch.float32, layout, seed=2)
     y64, mean64, var64, dx64, dw64, db64 = equations(x, w, b, dy)
     threads = torch.get_num_threads()
