@@ -21,16 +21,6 @@ SHAPES = [(50, 100), (50, 50), (6, 3), (4, 3, 5), (3, 2, 3, 4)]
 
 
 @pytest.fixture(scope="module")
-def ops():
-    """The compiled ops, built here if no earlier test built them (once per source version)."""
-    if not cpp.ENABLED:
-        pytest.skip("the compiled op is switched off by TORCH_BN_CPP=0")
-    built = cpp.op()
-    assert built is not None, "the compiled op could not be built (see the RuntimeWarning)"
-    return built
-
-
-@pytest.fixture(scope="module")
 def op(ops):
     """A training-mode layer, op(x, weight, bias, running_mean, running_var, momentum, eps), run by
     torch_bn.functional.batch_norm with the compiled ops pinned as BatchNormFunction's bodies."""

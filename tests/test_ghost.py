@@ -14,7 +14,7 @@ from helpers import float64_inputs
 from torch_bn import cpp
 from torch_bn.functional import batch_norm, batch_norm_stateless
 from torch_bn.ghost import GhostBatchNormFunction
-from variant_references import _affine, _ch, ghost_chunk_stats, ghost_reference
+from variant_references import _affine, _ch, assert_matches_reference, ghost_chunk_stats, ghost_reference
 
 EPS = 1e-5
 # (shape, virtual batch size): N a multiple of V, a smaller last chunk, V >= N
@@ -35,14 +35,8 @@ def test_matches_float64_reference(shape, v, affine):
     rm1, rv1 = rm.clone(), rv.clone()
     y = batch_norm(x, rm1, rv1, w, b, True, 0.1, EPS, virtual_batch_size=v)
     y_ref, new_mean, new_var = ghost_reference(x, w, b, EPS, v, rm, rv)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close((rm1, rv1), (new_mean, new_var), rtol=1e-12, atol=1e-12)
-    inputs = [t for t in (x, w, b) if t is not None]
-    for g, r in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy)):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
-        record("ghost grad", g, r)
-    record("ghost y", y, y_ref)
-    record("ghost running", torch.cat([rm1, rv1]), torch.cat([new_mean, new_var]))
+    assert_matches_reference(record, "ghost", y, y_ref, (rm1, rv1), (new_mean, new_var),
+                             [t for t in (x, w, b) if t is not None], dy)
 
 
 

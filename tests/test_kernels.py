@@ -34,15 +34,6 @@ CASES = [
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def ops():
-    if not cpp.ENABLED:
-        pytest.skip("the compiled op is switched off by TORCH_BN_CPP=0")
-    built = cpp.op()
-    assert built is not None, "the compiled op could not be built (see the RuntimeWarning)"
-    return built
-
-
 def laid_out(t, layout):
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)

@@ -11,7 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import torch_bn
 from helpers import float64_inputs
 from torch_bn.functional import batch_norm, batch_norm_stateless
-from variant_references import bn_reference, masked_reference
+from variant_references import assert_matches_reference, bn_reference, masked_reference
 
 EPS = 1e-5
 SHAPES = [(8, 3), (4, 3, 5), (3, 3, 2, 4), (2, 3, 2, 2, 3)]
@@ -41,14 +41,8 @@ def test_matches_float64_reference(shape, affine):
     rm1, rv1 = rm.clone(), rv.clone()
     y = batch_norm(x, rm1, rv1, w, b, True, 0.1, EPS, mask=mask)
     y_ref, new_mean, new_var = masked_reference(x, w, b, mask, EPS, rm, rv)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-11)
-    torch.testing.assert_close((rm1, rv1), (new_mean, new_var), rtol=1e-12, atol=1e-12)
-    inputs = [t for t in (x, w, b) if t is not None]
-    for g, r in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy)):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
-        record("masked grad", g, r)
-    record("masked y", y, y_ref)
-    record("masked running", torch.cat([rm1, rv1]), torch.cat([new_mean, new_var]))
+    assert_matches_reference(record, "masked", y, y_ref, (rm1, rv1), (new_mean, new_var),
+                             [t for t in (x, w, b) if t is not None], dy, atol_y=1e-11)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

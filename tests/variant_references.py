@@ -78,3 +78,15 @@ def ghost_chunk_stats(x, virtual_batch_size):
     chunks = [x[start:start + virtual_batch_size] for start in range(0, x.shape[0], virtual_batch_size)]
     return (torch.stack([c.mean(_dims(c)) for c in chunks]),
             torch.stack([c.var(_dims(c), correction=0) for c in chunks]))
+
+
+def assert_matches_reference(record, name, y, y_ref, running, running_ref, inputs, dy, *, atol_y=1e-12):
+    """y, the new running statistics and the gradients of y (dy against inputs) equal the
+    reference's in float64; record(name + " y" / " grad" / " running", a, b) logs each error."""
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=atol_y)
+    torch.testing.assert_close(running, running_ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+        record(f"{name} grad", g, r)
+    record(f"{name} y", y, y_ref)
+    record(f"{name} running", torch.cat(running), torch.cat(running_ref))
