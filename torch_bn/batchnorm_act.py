@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .function import needed_gradients
 from .functional import check_input
 from .modules import batch_norm_arguments
 
@@ -155,10 +156,7 @@ class BatchNormActFunction(torch.autograd.Function):
                 xhat = xhat.index_copy(1, idx, (kept.to(dtype) - ops.as_channel(mean[idx], kept))
                                  * ops.as_channel(rstd[idx], kept))
         dx, dweight, dbias = ops.closed_form_backward(dz, xhat, rstd, weight)
-        dx = dx.to(dy.dtype)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None, dweight.to(weight.dtype) if need_w else None,
-                dbias.to(ctx.bias_dtype) if need_b else None, None, None, None)
+        return (*needed_gradients(ctx, dx.to(dy.dtype), dweight, dbias, weight), None, None, None)
 
 
 def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,

@@ -61,15 +61,9 @@ class BatchNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, eps, backward = inputs
         _y, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
-        rstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.save_for_forward(x, weight, mean, rstd)
-        ctx.eps = eps
+        save_context(ctx, (x, weight, mean, torch.rsqrt(var + eps)), (mean, var), eps, bias)
         ctx.backward = backward
         ctx.path = dispatch.choose_path(x)  # what forward ran on: the backward takes the same path
-        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _eps, _backward):
@@ -90,11 +84,10 @@ def gradients(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | N
     not needed) from dy and what the forward saved (``ctx.path``: the path the forward ran on), on
     the path :func:`~torch_bn.dispatch.backward_path` picks."""
     x, weight, mean, rstd = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     double_backward = torch.is_grad_enabled()
     path = dispatch.backward_path(ctx.path, staged=ctx.backward == "staged", double_backward=double_backward)
     if path == "cpp":
-        dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, need_x)
+        dx, dweight, dbias = cpp.op().backward(dy, x, weight, mean, rstd, ctx.needs_input_grad[0])
     elif path == "triton":
         dx, dweight, dbias = torch.ops.torch_bn.triton_backward(dy, x, mean, rstd, weight)
     elif path == "fused":
@@ -108,12 +101,32 @@ def gradients(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | N
         xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
         impl = ops.closed_form_backward if ctx.backward == "closed_form" else ops.staged_backward
         dx, dweight, dbias = impl(dy, xhat, rstd, weight)
-    # The kernels return dweight and dbias in the compute dtype: cast to the parameters' dtype.
-    if need_w and dweight.dtype != weight.dtype:
-        dweight = dweight.to(weight.dtype)
-    if need_b and dbias.dtype != ctx.bias_dtype:
-        dbias = dbias.to(ctx.bias_dtype)
-    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None
+    return needed_gradients(ctx, dx, dweight, dbias, weight)
+
+
+def save_context(ctx, saved: tuple[Tensor | None, ...], statistics: tuple[Tensor, ...], eps: float,
+                 bias: Tensor | None) -> None:
+    """What the ``setup_context`` of torch_bn's training-mode Functions (this one, ghost, masked,
+    renorm) keeps: the statistics outputs marked non-differentiable (and no zero-filled gradients
+    materialized for them), ``saved`` for backward and for jvp, eps, and the dtype of bias, which
+    its gradient must have."""
+    ctx.mark_non_differentiable(*statistics)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def needed_gradients(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None,
+                     weight: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """dx, dweight, dbias as a backward of torch_bn's returns them: None where
+    ``ctx.needs_input_grad`` says no gradient is needed, and dweight, dbias in the parameters'
+    dtypes (the bodies compute them in the compute dtype; ``ctx.bias_dtype`` from the forward)."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (dx if need_x else None,
+            (dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype)) if need_w else None,
+            (dbias if dbias.dtype == ctx.bias_dtype else dbias.to(ctx.bias_dtype)) if need_b else None)
 
 
 class EagerBatchNormFunction(BatchNormFunction):

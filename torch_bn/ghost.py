@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import cpp, dispatch, ops
 from .eager import eager_twin
+from .function import needed_gradients, save_context
 
 
 def _unchunk(pieces: list[Tensor], like: Tensor) -> Tensor:
@@ -83,13 +84,9 @@ class GhostBatchNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, eps, virtual_batch_size = inputs
         _y, mean, var, rstd = output
-        ctx.mark_non_differentiable(mean, var, rstd)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.save_for_forward(x, weight, mean, rstd)
-        ctx.eps, ctx.virtual_batch_size = eps, virtual_batch_size
+        save_context(ctx, (x, weight, mean, rstd), (mean, var, rstd), eps, bias)
+        ctx.virtual_batch_size = virtual_batch_size
         ctx.path = dispatch.choose_path(x)  # what forward ran on: the backward takes the same path
-        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, _eps, _virtual_batch_size):
@@ -104,12 +101,11 @@ class GhostBatchNormFunction(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         double_backward = torch.is_grad_enabled()
         if dispatch.backward_path(ctx.path, staged=False, double_backward=double_backward) == "cpp":
-            dx, dweight, dbias = cpp.op().ghost_backward(dy, x, weight, mean, rstd, ctx.virtual_batch_size, need_x)
-            return (dx if need_x else None, dweight.to(weight.dtype) if need_w else None,
-                    dbias.to(ctx.bias_dtype) if need_b else None, None, None)
+            dx, dweight, dbias = cpp.op().ghost_backward(dy, x, weight, mean, rstd, ctx.virtual_batch_size,
+                                                         ctx.needs_input_grad[0])
+            return (*needed_gradients(ctx, dx, dweight, dbias, weight), None, None)
         if double_backward:  # the statistics as functions of x
             stats = [ops.chunk_stats(xg) for xg in ops.ghost_chunks(x, ctx.virtual_batch_size)]
             mean = torch.cat([m.view(-1, x.shape[1]) for m, _ in stats])
@@ -120,8 +116,7 @@ class GhostBatchNormFunction(torch.autograd.Function):
             dxg, dw, db = ops.chunk_backward(dys[i], xhat, rstd, weight)
             dxs.append(dxg)
             dweight, dbias = dweight + dw, dbias + db
-        return (_unchunk(dxs, x) if need_x else None, dweight.to(weight.dtype) if need_w else None,
-                dbias.to(ctx.bias_dtype) if need_b else None, None, None)
+        return (*needed_gradients(ctx, _unchunk(dxs, x), dweight, dbias, weight), None, None)
 
 
 GhostBatchNormFunction.eager = eager_twin(GhostBatchNormFunction)  # the same Function, applied faster outside torch.func (torch_bn.eager)

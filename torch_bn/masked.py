@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import ops
 from .eager import eager_twin
+from .function import needed_gradients, save_context
 
 
 class MaskedBatchNormFunction(torch.autograd.Function):
@@ -45,12 +46,7 @@ class MaskedBatchNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, mask, eps = inputs
         _y, mean, var, count = output
-        ctx.mark_non_differentiable(mean, var, count)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, mask, mean, var, count)
-        ctx.save_for_forward(x, weight, mask, mean, var, count)
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        save_context(ctx, (x, weight, mask, mean, var, count), (mean, var, count), eps, bias)
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, _mask, _eps):
@@ -70,9 +66,7 @@ class MaskedBatchNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(var + ctx.eps)
         xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
         dx, dweight, dbias = ops.masked_backward(dy, xhat, rstd, weight, mask, count)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None, dweight.to(weight.dtype) if need_w else None,
-                dbias.to(ctx.bias_dtype) if need_b else None, None, None)
+        return (*needed_gradients(ctx, dx, dweight, dbias, weight), None, None)
 
 
 MaskedBatchNormFunction.eager = eager_twin(MaskedBatchNormFunction)  # the same Function, applied faster outside torch.func (torch_bn.eager)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import ops
 from .eager import eager_twin
+from .function import needed_gradients, save_context
 
 
 class BatchRenormFunction(torch.autograd.Function):
@@ -55,12 +56,7 @@ class BatchRenormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, running_mean, running_var, eps, rmax, dmax = inputs
         _y, mean, var, r, d = output
-        ctx.mark_non_differentiable(mean, var, r, d)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, mean, var, r, d)
-        ctx.save_for_forward(x, weight, mean, var, r, d)
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        save_context(ctx, (x, weight, mean, var, r, d), (mean, var, r, d), eps, bias)
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, _rm, _rv, _eps, _rmax, _dmax):
@@ -82,9 +78,7 @@ class BatchRenormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(var + ctx.eps)
         xhat = (x - ops.as_channel(mean, x)) * ops.as_channel(rstd, x)
         dx, dweight, dbias = ops.renorm_backward(dy, xhat, rstd, weight, r, d)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None, dweight.to(weight.dtype) if need_w else None,
-                dbias.to(ctx.bias_dtype) if need_b else None, None, None, None, None, None)
+        return (*needed_gradients(ctx, dx, dweight, dbias, weight), None, None, None, None, None)
 
 
 BatchRenormFunction.eager = eager_twin(BatchRenormFunction)  # the same Function, applied faster outside torch.func (torch_bn.eager)

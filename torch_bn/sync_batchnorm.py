@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .function import needed_gradients
 from .functional import _check_renorm, _check_variant, batch_norm, batch_renorm, check_input
 from .modules import BatchNorm1d, BatchNorm2d, _BatchRenorm, _GhostBatchNorm, batch_norm_arguments
 
@@ -127,9 +128,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dbias, dweight = local.chunk(2)
         if r is not None:
             dweight = r * dweight + d * dbias
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx.to(dy.dtype) if need_x else None, dweight.to(weight.dtype) if need_w else None,
-                dbias.to(ctx.bias_dtype) if need_b else None) + (None,) * 7
+        return (*needed_gradients(ctx, dx.to(dy.dtype), dweight, dbias, weight), *(None,) * 7)
 
 
 def sync_batch_norm(
