@@ -156,9 +156,7 @@ def choose_path(x: Tensor) -> str:
         return "reference"
     if _mode != "auto":
         return _pinned(x, _mode)
-    # x.is_cpu first: a CPU tensor cannot take the Triton row (unless tests run the kernels on
-    # the CPU), and this is every call of the MLP, where each step of the rule costs per call.
-    if (not x.is_cpu or TRITON_ON_CPU) and _triton_serves(x):
+    if _triton_serves(x):
         return "triton"
     if torch.compiler.is_compiling():
         return "reference"
