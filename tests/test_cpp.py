@@ -180,12 +180,12 @@ def test_any_shape_and_scale_float64(op, n, c, spatial, scale, offset, affine, e
 def test_bad_input_raises_clear_error(ops, x, weight, message):
     """The ops check their input themselves (torch_bn.functional checks it before them)."""
     with pytest.raises(RuntimeError, match=message):
-        ops.forward(x, weight, None, None, None, 0.1, 1e-5)
+        ops.forward(x, weight, None, None, None, None, 0.1, 1e-5)
 
 
 def test_bad_backward_input_raises_clear_error(ops):
     x = torch.randn(6, 3)
-    _, mean, _, rstd = ops.forward(x, None, None, None, None, 0.1, 1e-5)
+    _, mean, _, rstd = ops.forward(x, None, None, None, None, None, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="gradient's dtype"):
         ops.backward(x.double(), x, None, mean, rstd, True)
     with pytest.raises(RuntimeError, match="mean and rstd must be"):
@@ -207,7 +207,8 @@ def opcheck_inputs():
         strided_dy = dy.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
         c = shape[1]
         stats = (torch.zeros(c, dtype=w.dtype if affine else x.dtype), torch.ones(c, dtype=w.dtype if affine else x.dtype))
-        running = stats if len(cases) % 2 == 0 else (None, None)
+        count = torch.tensor(3) if len(cases) % 4 == 0 else None  # a module's num_batches_tracked
+        running = (*stats, count) if len(cases) % 2 == 0 else (None, None, None)
         cases.append(((x, w, b, *running, 0.1, 1e-5), (dy, x, w, True), (strided_dy, x, w, False)))
     return cases
 
@@ -226,7 +227,7 @@ def test_opcheck(ops, case):
 
 def test_backward_without_dx_returns_an_empty_tensor(ops):
     x, w, _, dy = inputs((6, 3), torch.float32)
-    _, mean, _, rstd = ops.forward(x, w, None, None, None, 0.1, 1e-5)
+    _, mean, _, rstd = ops.forward(x, w, None, None, None, None, 0.1, 1e-5)
     dx, dw, db = ops.backward(dy, x, w, mean, rstd, False)
     full = ops.backward(dy, x, w, mean, rstd, True)
     assert dx.shape == (0,)
@@ -374,11 +375,11 @@ def test_the_kernels_run_on_torchs_threads(ops):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ops.forward(x, w, b, None, None, 0.0, 1e-5)
+        ops.forward(x, w, b, None, None, None, 0.0, 1e-5)
         time.sleep(0.5)  # OpenMP's threads stop spinning: their CPU time from here is our kernels'
         me0, all0 = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
         for _ in range(20):
-            _, mean, _, rstd = ops.forward(x, w, b, None, None, 0.0, 1e-5)
+            _, mean, _, rstd = ops.forward(x, w, b, None, None, None, 0.0, 1e-5)
             ops.backward(dy, x, w, mean, rstd, True)
         me1, all1 = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
     finally:

@@ -255,3 +255,60 @@ def test_single_value_per_channel_is_fine_in_eval():
 def test_eval_without_running_stats_needs_them_in_functional():
     with pytest.raises(ValueError, match="needs running_mean and running_var"):
         torch_bn.functional.batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+@pytest.mark.parametrize("path", ["cpp", "reference", "fused"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_every_training_batch_is_counted_once(path, momentum, monkeypatch):
+    """num_batches_tracked (and with momentum=None the cumulative average it drives) as nn's, on each
+    CPU path pinned, whether the forward records a graph, runs under no_grad or gets an empty batch;
+    evaluation counts nothing. The compiled forward counts inside its own call, the others in Python."""
+    if path == "cpp" and not torch_bn.cpp.ENABLED:
+        pytest.skip("the compiled op is switched off by TORCH_BN_CPP=0")
+    monkeypatch.setattr(torch_bn.dispatch, "_mode", path)
+    ours, theirs = make_pair(1, 6, torch.float64, momentum=momentum)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 6, generator=g, dtype=torch.float64) for _ in range(3)] + [torch.empty(0, 6, dtype=torch.float64)]
+    for step, x in enumerate(batches):
+        for m in (ours, theirs):
+            if step == 1:
+                with torch.no_grad():
+                    m(x)
+            else:
+                m(x.clone().requires_grad_(step != 2))
+        assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step + 1
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(batches[0]), theirs(batches[0]), rtol=1e-12, atol=1e-12)
+    assert ours.num_batches_tracked.item() == 4
+
+
+def test_a_refused_batch_is_not_counted():
+    """A training call that raises (here: input with the wrong channel count) leaves the counter and
+    the running statistics as they were: nothing of that batch was normalized. (nn.BatchNorm1d
+    counts it before F.batch_norm refuses it.)"""
+    bn = torch_bn.BatchNorm1d(4)
+    with pytest.raises(ChannelMismatchError):
+        bn(torch.randn(8, 5))
+    assert bn.num_batches_tracked.item() == 0 and bn.running_mean.eq(0).all()
+
+
+def test_parametrized_weight_matches_torch_nn():
+    """A parametrization on weight (torch.nn.utils.parametrize moves it out of _parameters, behind a
+    property): the layer reads the parametrized value, as nn's does, and the gradient reaches
+    the original."""
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.5
+
+    ours, theirs = make_pair(1, 5, torch.float64)
+    for m in (ours, theirs):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight", Positive())
+    x = torch.randn(7, 5, dtype=torch.float64)
+    ya, yb = ours(x), theirs(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(ya.pow(2).sum(), ours.parametrizations.weight.original)
+    gb = torch.autograd.grad(yb.pow(2).sum(), theirs.parametrizations.weight.original)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(ours.weight, ours.parametrizations.weight.original)

@@ -243,7 +243,7 @@ class _BatchNormAct(nn.modules.batchnorm._NormBase):
         if isinstance(input, torch.fx.Proxy):  # torch.fx: one call of this module (a leaf)
             return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
-        running_mean, running_var, use_batch_stats, factor = batch_norm_arguments(self)
+        running_mean, running_var, use_batch_stats, factor, _ = batch_norm_arguments(self)
         return batch_norm_act(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
                               self.eps, self.activation, self._param)
 

@@ -130,7 +130,7 @@ def _check_fake(x: torch.Tensor) -> None:
                  lambda: f"torch_bn_cpp: batch_norm expects floating-point (N, C, *) input, got {x.dtype} {tuple(x.shape)}")
 
 
-def _forward_fake(x, weight, bias, running_mean, running_var, momentum, eps):
+def _forward_fake(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
     _check_fake(x)
     stats = x.new_empty(x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
     return _output_like(x), stats, torch.empty_like(stats), torch.empty_like(stats)

@@ -20,13 +20,21 @@ from torch import Tensor, nn
 
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_local = threading.local()  # the updates recorded by the functional_call running on this thread
+
+
+class _Recording(threading.local):
+    # The updates recorded by the functional_call running on this thread; None outside one. A
+    # class attribute, so that a thread that never ran one reads None without a failed lookup.
+    updates: dict | None = None
+
+
+_local = _Recording()
 
 
 def recording() -> bool:
     """Whether a torch_bn layer called now runs inside :func:`functional_call` (and must not
     write its buffers)."""
-    return getattr(_local, "updates", None) is not None
+    return _local.updates is not None
 
 
 def stateless_forward(bn: nn.Module, input: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -48,7 +48,7 @@ class BatchNormFunction(torch.autograd.Function):
                 backward: str = "closed_form") -> tuple[Tensor, Tensor, Tensor]:
         path = dispatch.choose_path(x)
         if path == "cpp":
-            y, mean, var, _rstd = cpp.op().forward(x, weight, bias, None, None, 0.0, eps)
+            y, mean, var, _rstd = cpp.op().forward(x, weight, bias, None, None, None, 0.0, eps)
             return y, mean, var
         if path == "triton":
             return tuple(torch.ops.torch_bn.triton_forward(x, weight, bias, eps))
@@ -130,7 +130,8 @@ def needed_gradients(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tens
 
 
 class EagerBatchNormFunction(BatchNormFunction):
-    """y = EagerBatchNormFunction.apply(x, weight, bias, eps, backward, running_mean, running_var, momentum)
+    """y = EagerBatchNormFunction.apply(x, weight, bias, eps, backward, running_mean, running_var, momentum,
+    num_batches_tracked)
 
     BatchNormFunction for eager calls outside torch.func transforms (what
     torch_bn.functional.batch_norm and the modules run there), in the classic
@@ -139,15 +140,16 @@ class EagerBatchNormFunction(BatchNormFunction):
 
     - for a Function with ``setup_context``, ``apply`` binds its arguments to ``forward``'s
       signature with ``inspect`` on every call (tens of microseconds); this style skips that;
-    - the compiled forward op updates running_mean and running_var in the same C++ call
-      (three tensor ops fewer from Python).
+    - the compiled forward op updates running_mean, running_var and the module's batch counter
+      in the same C++ call (tensor ops fewer from Python).
 
     The bodies are BatchNormFunction's (its forward for every path but the compiled op, whose
     call differs only by the running statistics) and its backward and jvp run unchanged, so a
     breakpoint or an edit in BatchNormFunction, or in torch_bn/ops.py, takes effect here too.
     torch.func transforms need the ``setup_context`` style: there BatchNormFunction runs.
     Inputs as BatchNormFunction's, plus running_mean, running_var (C,) or None, updated in place
-    (the unbiased batch variance for running_var) by momentum. Output: y alone.
+    (the unbiased batch variance for running_var) by momentum, and num_batches_tracked (a counter)
+    or None, incremented by one. Output: y alone.
     """
 
     generate_vmap_rule = False
@@ -155,9 +157,11 @@ class EagerBatchNormFunction(BatchNormFunction):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
-                running_mean: Tensor | None, running_var: Tensor | None, momentum: float) -> Tensor:
+                running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                num_batches_tracked: Tensor | None) -> Tensor:
         ctx.path = dispatch.choose_path(x)
-        y, mean, rstd = eager_forward(x, weight, bias, eps, backward, running_mean, running_var, momentum, ctx.path)
+        y, mean, rstd = eager_forward(x, weight, bias, eps, backward, running_mean, running_var, momentum,
+                                      num_batches_tracked, ctx.path)
         ctx.save_for_backward(x, weight, mean, rstd)
         if forward_ad._current_level >= 0:  # jvp runs only within a dual level
             ctx.save_for_forward(x, weight, mean, rstd)
@@ -173,23 +177,25 @@ class EagerBatchNormFunction(BatchNormFunction):
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         dx, dweight, dbias = gradients(ctx, dy)
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None
 
 
 def eager_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
                   running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-                  path: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  num_batches_tracked: Tensor | None = None, path: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The forward of :class:`EagerBatchNormFunction`: y, the batch mean and rstd, with the running
-    statistics updated, on ``path`` (default: :func:`~torch_bn.dispatch.choose_path`'s). Also what
-    torch_bn.functional.batch_norm runs where autograd would record nothing (no_grad, nothing
-    requiring grad, no forward-AD level): there is no node to build."""
+    statistics updated and the batch counted in num_batches_tracked (where given), on ``path``
+    (default: :func:`~torch_bn.dispatch.choose_path`'s). Also what torch_bn.functional.batch_norm
+    runs where autograd would record nothing (no_grad, nothing requiring grad, no forward-AD
+    level): there is no node to build."""
     if (path or dispatch.choose_path(x)) == "cpp":
-        y, mean, _var, rstd = cpp.op().forward(x, weight, bias, running_mean, running_var, momentum, eps)
+        y, mean, _var, rstd = cpp.op().forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                               momentum, eps)
         return y, mean, rstd
     y, mean, var = BatchNormFunction.forward(x, weight, bias, eps, backward)
-    update_running_stats(running_mean, running_var, mean, var, x, momentum)
+    update_running_stats(running_mean, running_var, mean, var, x, momentum, num_batches_tracked)
     return y, mean, torch.rsqrt(var + eps)
 
 
@@ -202,15 +208,18 @@ def records_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
-                         x: Tensor, momentum: float) -> None:
+                         x: Tensor, momentum: float, num_batches_tracked: Tensor | None = None) -> None:
     """running = (1 - momentum) * running + momentum * batch, in place, as F.batch_norm (lerp: one op
-    per buffer), with the unbiased batch variance for running_var; mean and var (biased) of x."""
+    per buffer), with the unbiased batch variance for running_var; mean and var (biased) of x.
+    num_batches_tracked, where given, counts one more batch."""
     with torch.no_grad():
         if running_mean is not None:
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         if running_var is not None:
             m = x.numel() // x.shape[1]
             running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
 
 
 class CompiledBatchNormFunction(BatchNormFunction):

@@ -131,6 +131,7 @@ def batch_norm(
     backward: str = "closed_form",
     mask: Tensor | None = None,
     virtual_batch_size: int | None = None,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization with the signature and semantics of ``F.batch_norm``.
 
@@ -143,15 +144,20 @@ def batch_norm(
     positions only (:mod:`torch_bn.masked`). virtual_batch_size: ghost batch norm, each chunk
     of that many samples normalized with its own statistics in training (:mod:`torch_bn.ghost`).
     Both only change training mode; evaluation uses the running statistics as always.
+    num_batches_tracked: a module's batch counter, incremented by one in training mode once the
+    batch is normalized (the modules pass theirs: the compiled CPU op counts in its own call).
     """
     if backward not in ops.BACKWARDS:
         raise ValueError(f"backward must be one of {ops.BACKWARDS}, got {backward!r}")
     if input.dim() < 2 and input.numel() == 0:  # empty 1-D input: empty output, as PyTorch
+        _count(num_batches_tracked, training)
         return input.clone()
     check_input(input, training, eps, running_mean, running_var, weight, bias)
     if mask is not None or virtual_batch_size is not None:
-        return _variant_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                   backward, mask, virtual_batch_size)
+        y = _variant_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                backward, mask, virtual_batch_size)
+        _count(num_batches_tracked, training)
+        return y
     if not training:
         # The running statistics are constants here, as in PyTorch: no gradient, and no tangent
         # (a tangent on them is refused, as F.batch_norm refuses it).
@@ -163,20 +169,29 @@ def batch_norm(
         # Empty batch: empty output, zero gradients for weight and bias, running statistics
         # unchanged (PyTorch's behaviour; the module still counts the batch).
         ones = torch.ones(input.shape[1], dtype=ops.compute_dtype(input), device=input.device)
+        _count(num_batches_tracked, training)
         return ops.normalize(input, ones * 0, ones, weight, bias)
 
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         # The setup_context-style Functions (torch.compile traces CompiledBatchNormFunction).
         function = _function.CompiledBatchNormFunction if torch.compiler.is_compiling() else _function.BatchNormFunction
         y, mean, var = function.apply(input, weight, bias, eps, backward)
-        _function.update_running_stats(running_mean, running_var, mean, var, input, momentum)
+        _function.update_running_stats(running_mean, running_var, mean, var, input, momentum, num_batches_tracked)
         return y
     # Eager: the same Function's bodies, the running statistics updated inside (one call); where
     # autograd records nothing (no_grad, inference, frozen inputs), the bodies without the node.
     if not _function.records_graph(input, weight, bias):
-        return _function.eager_forward(input, weight, bias, eps, backward, running_mean, running_var, momentum)[0]
+        return _function.eager_forward(input, weight, bias, eps, backward, running_mean, running_var, momentum,
+                                       num_batches_tracked)[0]
     return _function.EagerBatchNormFunction.apply(input, weight, bias, eps, backward, running_mean, running_var,
-                                                  momentum)
+                                                  momentum, num_batches_tracked)
+
+
+def _count(num_batches_tracked: Tensor | None, training: bool) -> None:
+    """One more batch on the counter, in training mode (the Function's bodies count their own)."""
+    if training and num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
 
 
 def batch_norm_stateless(

@@ -81,29 +81,49 @@ def _check_backward(backward: str) -> str:
     return backward
 
 
-def batch_norm_arguments(module: nn.modules.batchnorm._NormBase
-                         ) -> tuple[Tensor | None, Tensor | None, bool, float]:
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_PARAMETERS = ("weight", "bias")
+
+
+def registered(module: nn.Module, table: dict[str, Tensor | None], names: tuple[str, ...]) -> tuple[Tensor | None, ...]:
+    """``module.<name>`` for each of names, read from ``table`` (the module's ``_parameters`` or
+    ``_buffers``), or through the attributes where one of them is not registered there (e.g.
+    moved by ``torch.nn.utils.parametrize``). The same tensors as the attributes, for a fraction of
+    the cost: each read through ``nn.Module.__getattr__`` takes ~1.5 us on this project's CPU,
+    and a batch-norm layer reads five per call, against ~100 us for the whole layer at the MLP's
+    (50, 100)."""
+    try:
+        return tuple(map(table.__getitem__, names))
+    except KeyError:
+        return tuple(getattr(module, name) for name in names)
+
+
+def batch_norm_arguments(module: nn.modules.batchnorm._NormBase, *, defer_count: bool = False
+                         ) -> tuple[Tensor | None, Tensor | None, bool, float, Tensor | None]:
     """What a batch-norm module's forward passes to the functional call: running_mean and
     running_var (None where they are not used or updated), whether to normalize with batch
-    statistics, and the averaging factor. In training it counts the batch in num_batches_tracked.
-    Shared by the modules here and :class:`torch_bn.SyncBatchNorm`."""
-    # Each attribute read once: buffers go through nn.Module.__getattr__, a cost per call that
-    # shows at the MLP's (50, 100), where the whole layer takes ~150 us.
+    statistics, the averaging factor, and the batch counter for the call to increment. In
+    training the batch is counted in num_batches_tracked: here, or, with ``defer_count``, by the
+    functional call (:func:`torch_bn.functional.batch_norm`'s ``num_batches_tracked``; the compiled
+    forward counts in its own call, one tensor op fewer per layer and step), which gets the
+    counter as the last value (None where nothing is to count). Shared by the modules here,
+    :class:`torch_bn.SyncBatchNorm` and :mod:`torch_bn.batchnorm_act`."""
     training, momentum = module.training, module.momentum
-    running_mean, running_var = module.running_mean, module.running_var
+    running_mean, running_var, count = registered(module, module._buffers, _BUFFERS)
     # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
     factor = 0.0 if momentum is None else momentum
     if training and module.track_running_stats:
-        count = module.num_batches_tracked
         if count is not None:
-            count.add_(1)
             if momentum is None:
-                factor = 1.0 / float(count)
-        return running_mean, running_var, True, factor
+                factor = 1.0 / (float(count) + 1.0)
+            if not defer_count:
+                count.add_(1)
+                count = None
+        return running_mean, running_var, True, factor, count
     if training:  # running statistics not tracked: neither used nor updated
-        return None, None, True, factor
+        return None, None, True, factor, None
     # Evaluation: the running statistics, or batch statistics where none are kept.
-    return running_mean, running_var, running_mean is None and running_var is None, factor
+    return running_mean, running_var, running_mean is None and running_var is None, factor, None
 
 
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -111,6 +131,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     and a forward that calls :func:`torch_bn.functional.batch_norm`."""
 
     backward: str
+    # Whether the functional call counts the batch (batch_norm_arguments' defer_count): not where
+    # functional() reads the count after this batch's (batch renormalization's warm-up).
+    counts_in_call: bool = True
 
     def __init__(
         self,
@@ -145,10 +168,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if _func.recording():  # inside torch_bn.func.functional_call: new buffers returned, none written
             return _func.stateless_forward(self, input, mask)
-        running_mean, running_var, use_batch_stats, factor = batch_norm_arguments(self)
+        running_mean, running_var, use_batch_stats, factor, count = batch_norm_arguments(
+            self, defer_count=self.counts_in_call)
         function, keywords = self.functional(mask, None, stateless=False)
-        return function(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
-                        self.eps, **keywords)
+        if count is not None:
+            keywords["num_batches_tracked"] = count
+        weight, bias = registered(self, self._parameters, _PARAMETERS)
+        return function(input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps, **keywords)
 
     def functional(self, mask: Tensor | None, num_batches_tracked: Tensor | None, stateless: bool):
         """The functional call this layer's forward makes (in place, or the stateless form inside
@@ -314,6 +340,7 @@ class _BatchRenorm(_BatchNorm):
     rmax: float
     dmax: float
     warmup_steps: int
+    counts_in_call = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, rmax: float = 3.0,

@@ -258,7 +258,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         if self.renorm and mask is not None:
             raise ValueError("SyncBatchNorm with batch renormalization does not take a mask: renormalization "
                              "with masked statistics is not implemented")
-        running_mean, running_var, use_batch_stats, factor = batch_norm_arguments(self)
+        running_mean, running_var, use_batch_stats, factor, _ = batch_norm_arguments(self)
         bounds = self._renorm_bounds()
         group = self._sync_group() if self.training else None  # eval never synchronizes
         if group is None:

@@ -79,8 +79,9 @@ void update_running(Tensor& running, const Tensor& batch, double factor, double 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
                                                        const std::optional<Tensor>& bias,
                                                        const std::optional<Tensor>& running_mean,
-                                                       const std::optional<Tensor>& running_var, double momentum,
-                                                       double eps) {
+                                                       const std::optional<Tensor>& running_var,
+                                                       const std::optional<Tensor>& num_batches_tracked,
+                                                       double momentum, double eps) {
   constexpr const char* op = "torch_bn_cpp::batch_norm_forward";
   check_cpu(op, x);
   check_input(op, x, weight, bias);
@@ -88,6 +89,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
     TORCH_CHECK(!v->has_value() || !(*v)->defined() || (*v)->numel() == x.size(1), op, ": a running statistic has ",
                 (*v)->numel(), " elements but the input has ", x.size(1), " channels (dim 1)");
   }
+  const bool count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  TORCH_CHECK(!count || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()), op,
+              ": num_batches_tracked must be a one-element CPU counter, got ", num_batches_tracked->sizes(), " on ",
+              num_batches_tracked->device());
   const auto acc = at::toOpMathType(x.scalar_type());
   auto result = forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc), eps);
   const Tensor &mean = std::get<1>(result), &var = std::get<2>(result);
@@ -99,6 +104,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
     Tensor rv = *running_var;
     const double m = static_cast<double>(x.numel() / x.size(1));
     update_running(rv, var, m / (m - 1), momentum);
+  }
+  if (count) {  // the module's batch counter (an int64 scalar as nn's), one more batch
+    Tensor t = *num_batches_tracked;
+    if (t.scalar_type() == at::kLong) {
+      *t.mutable_data_ptr<int64_t>() += 1;
+    } else {
+      t.add_(1);
+    }
   }
   return result;
 }
@@ -181,9 +194,12 @@ std::tuple<Tensor, Tensor, Tensor> ghost_backward_cpu(const Tensor& dy, const Te
 
 TORCH_LIBRARY(torch_bn_cpp, m) {
   // y, mean, biased var, rstd = 1 / sqrt(var + eps); the statistics (C,) in the op-math dtype.
-  // running_mean / running_var, where given, are updated in place (lerp by momentum).
+  // running_mean / running_var, where given, are updated in place (lerp by momentum), and the
+  // counter num_batches_tracked, where given, counts one more batch (the modules' bookkeeping in
+  // the same call: one tensor op fewer per layer and step).
   m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-        "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float momentum, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // dx (empty when not need_dx), dweight = sum(dy * xhat), dbias = sum(dy).
   m.def("batch_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool need_dx) "
         "-> (Tensor, Tensor, Tensor)");
