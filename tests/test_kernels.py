@@ -150,6 +150,28 @@ def test_an_outlier_first_in_a_tile_keeps_the_variance(ops, layout):
     torch.testing.assert_close(mean.double(), x64.mean([0, 2, 3]), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("case", ["trend", "outlier block first"])
+@pytest.mark.parametrize("shape, layout", [((4096, 8), "contiguous"), ((1024, 8, 2, 2), "channels_last")])
+def test_a_far_centre_keeps_the_variance(ops, shape, layout, case):
+    """Rows tiles after the first take deviations from the mean of the rows before them: data
+    whose values drift along the rows (a trend of 100 a sample, as in sorted data) or whose first
+    tile is far from the rest (1e4 against randn) puts that centre far from a tile's values, and the
+    mean and variance still keep float precision (their error stays a few eps of what the merge
+    adds for that tile)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    if case == "trend":
+        x += 100 * torch.arange(shape[0], dtype=torch.float32).view([-1] + [1] * (len(shape) - 1))
+    else:
+        x[: 32 * shape[0] // x[:, 0].numel()] += 1e4  # the first 32-row tile
+    x = laid_out(x, layout)
+    _, mean, var, _ = forward(ops, x, None, None)
+    dims = [0, *range(2, len(shape))]
+    x64 = x.double()
+    torch.testing.assert_close(var.double(), x64.var(dims, correction=0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), x64.mean(dims), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, layout", [((64, 10), "contiguous"), ((4096, 3), "contiguous"),
                                            ((8, 4, 9, 9), "contiguous"), ((8, 4, 9, 9), "channels_last")])

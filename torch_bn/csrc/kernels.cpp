@@ -193,57 +193,99 @@ Geometry geometry(const Tensor& x) {
 // rows: (R, C) row-major
 
 // Moments of every column over rows [r0, r1), into st[0..C).
+//
+// Each tile's deviations are taken from a centre per column. For the first tile of the range: the
+// tile's own mean (a first pass, row by row, for the sums; then the deviations, one vector of
+// columns at a time, from cache). For every later tile: the mean of the rows before it, already
+// in st, so a single pass, row by row (memory order), gives the sums of deviations and of their
+// squares. The float error of the tile's M2 = s2 - s1^2 / nb is then about eps * s2, where
+// s2 = M2 + nb * d^2 and d is the tile's mean minus the centre; the merge adds about nb * d^2 to
+// the running M2 for that tile, so the error stays a few eps of the M2 it lands in, however far the
+// centre is (drifting or sorted rows, an outlier block first). Constant features (centre = their
+// value) give M2 = 0 exactly.
 template <typename scalar_t>
 void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, Moments* st) {
   using P = Pack<scalar_t>;
   using opmath_t = typename P::opmath_t;
   using V = typename P::V;
+  constexpr int64_t h = V::size();
   constexpr int64_t kVecs = kTileCols / P::kSize + 1;
-  V acc_a[kVecs], acc_b[kVecs];
+  // Per vector of columns q: a, b halves of the centres and of the sums s1, s2.
+  V ca[kVecs], cb[kVecs], s1a[kVecs], s1b[kVecs], s2a[kVecs], s2b[kVecs];
   __at_align__ opmath_t c_buf[P::kSize], s1_buf[P::kSize], s2_buf[P::kSize];
   for (int64_t i0 = r0; i0 < r1; i0 += kTileRows) {
     const int64_t nb = std::min(kTileRows, r1 - i0);
+    const bool first_tile = i0 == r0;
     const V inv(opmath_t(1) / static_cast<opmath_t>(nb));
     const Moments::Factors factors(static_cast<double>(i0 - r0), static_cast<double>(nb));
     for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
       const int64_t wt = std::min(kTileCols, C - j0);
       const int64_t nq = (wt + P::kSize - 1) / P::kSize;
-      // Pass 1, row by row (memory order): the tile's column sums.
-      for (int64_t q = 0; q < nq; ++q) acc_a[q] = acc_b[q] = V(opmath_t(0));
-      for (int64_t i = i0; i < i0 + nb; ++i) {
-        const scalar_t* xr = x + i * C + j0;
+      Moments* sj = st + j0;
+      if (first_tile) {
+        // Pass 1, row by row: the tile's column sums; pass 2, one vector of columns at a time
+        // from cache: the deviations from the tile's mean.
+        for (int64_t q = 0; q < nq; ++q) s1a[q] = s1b[q] = V(opmath_t(0));
+        for (int64_t i = i0; i < i0 + nb; ++i) {
+          const scalar_t* xr = x + i * C + j0;
+          for (int64_t q = 0; q < nq; ++q) {
+            V a, b;
+            P::load(xr + q * P::kSize, a, b, wt - q * P::kSize);
+            s1a[q] += a;
+            s1b[q] += b;
+          }
+        }
         for (int64_t q = 0; q < nq; ++q) {
-          V a, b;
-          P::load(xr + q * P::kSize, a, b, wt - q * P::kSize);
-          acc_a[q] += a;
-          acc_b[q] += b;
+          const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
+          const scalar_t* xc = x + j0 + q * P::kSize;
+          const V mean_a = s1a[q] * inv, mean_b = s1b[q] * inv;
+          V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
+          for (int64_t i = i0; i < i0 + nb; ++i) {
+            V a, b;
+            P::load(xc + i * C, a, b, cnt);
+            a = a - mean_a;
+            b = b - mean_b;
+            t1a += a;
+            t1b += b;
+            t2a = at::vec::fmadd(a, a, t2a);
+            t2b = at::vec::fmadd(b, b, t2b);
+          }
+          ca[q] = mean_a, cb[q] = mean_b, s1a[q] = t1a, s1b[q] = t1b, s2a[q] = t2a, s2b[q] = t2b;
+        }
+      } else {
+        // (Lanes past the last column read zeros and have centre zero: they add nothing.)
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
+          for (int64_t k = 0; k < P::kSize; ++k) {
+            c_buf[k] = k < cnt ? static_cast<opmath_t>(sj[q * P::kSize + k].mean) : opmath_t(0);
+          }
+          ca[q] = V::loadu(c_buf);
+          cb[q] = V::loadu(c_buf + h);
+          s1a[q] = s1b[q] = s2a[q] = s2b[q] = V(opmath_t(0));
+        }
+        for (int64_t i = i0; i < i0 + nb; ++i) {
+          const scalar_t* xr = x + i * C + j0;
+          for (int64_t q = 0; q < nq; ++q) {
+            V a, b;
+            P::load(xr + q * P::kSize, a, b, wt - q * P::kSize);
+            a = a - ca[q];
+            b = b - cb[q];
+            s1a[q] += a;
+            s1b[q] += b;
+            s2a[q] = at::vec::fmadd(a, a, s2a[q]);
+            s2b[q] = at::vec::fmadd(b, b, s2b[q]);
+          }
         }
       }
-      // Pass 2, from cache, one vector of columns at a time: deviations from the tile's centre.
-      // (Lanes past the last column read zeros and have centre zero: they add nothing.)
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
-        const V ca = acc_a[q] * inv, cb = acc_b[q] * inv;
-        V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
-        const scalar_t* xc = x + j0 + q * P::kSize;
-        for (int64_t i = i0; i < i0 + nb; ++i) {
-          V a, b;
-          P::load(xc + i * C, a, b, cnt);
-          a = a - ca;
-          b = b - cb;
-          t1a += a;
-          t1b += b;
-          t2a = at::vec::fmadd(a, a, t2a);
-          t2b = at::vec::fmadd(b, b, t2b);
-        }
-        constexpr int64_t h = P::V::size();
-        ca.store(c_buf);
-        cb.store(c_buf + h);
-        t1a.store(s1_buf);
-        t1b.store(s1_buf + h);
-        t2a.store(s2_buf);
-        t2b.store(s2_buf + h);
-        Moments* s = st + j0 + q * P::kSize;
+        ca[q].store(c_buf);
+        cb[q].store(c_buf + h);
+        s1a[q].store(s1_buf);
+        s1b[q].store(s1_buf + h);
+        s2a[q].store(s2_buf);
+        s2b[q].store(s2_buf + h);
+        Moments* s = sj + q * P::kSize;
         for (int64_t k = 0; k < cnt; ++k) {
           s[k].add(factors, static_cast<double>(c_buf[k]), static_cast<double>(s1_buf[k]),
                    static_cast<double>(s2_buf[k]));
