@@ -404,7 +404,9 @@ void for_chunks(int64_t chunks, const F& f) {
 // planes: (N, C, L), L > 1
 
 // Merges the moments of one channel's N runs of L values (run i at p + i * stride) into st. A tile
-// is a group of whole runs of up to kSegment values together, or a segment of one long run.
+// is a group of whole runs of up to kSegment values together, or a segment of one long run. As in
+// rows_moments: the first tile is centred on its own mean (two passes, the second from cache),
+// every later one on the mean of the values before it (one pass).
 template <typename scalar_t>
 void plane_moments(const scalar_t* p, int64_t N, int64_t L, int64_t stride, Moments& st) {
   using P = Pack<scalar_t>;
@@ -417,18 +419,21 @@ void plane_moments(const scalar_t* p, int64_t N, int64_t L, int64_t stride, Mome
     const int64_t i1 = std::min(N, i0 + group);
     for (int64_t s0 = 0; s0 < L; s0 += seg) {
       const int64_t len = std::min(seg, L - s0);
-      V sa(opmath_t(0)), sb(opmath_t(0));
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* q = p + i * stride + s0;
-        for (int64_t k = 0; k < len; k += P::kSize) {
-          V a, b;
-          P::load(q + k, a, b, len - k);
-          sa += a;
-          sb += b;
-        }
-      }
       const double nb = static_cast<double>((i1 - i0) * len);
-      const opmath_t c = static_cast<opmath_t>(lane_sum(sa + sb) / nb);
+      opmath_t c = static_cast<opmath_t>(st.mean);
+      if (st.n == 0) {
+        V sa(opmath_t(0)), sb(opmath_t(0));
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t* q = p + i * stride + s0;
+          for (int64_t k = 0; k < len; k += P::kSize) {
+            V a, b;
+            P::load(q + k, a, b, len - k);
+            sa += a;
+            sb += b;
+          }
+        }
+        c = static_cast<opmath_t>(lane_sum(sa + sb) / nb);
+      }
       const V cv(c);
       V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
       for (int64_t i = i0; i < i1; ++i) {
