@@ -151,19 +151,21 @@ def test_an_outlier_first_in_a_tile_keeps_the_variance(ops, layout):
 
 
 @pytest.mark.parametrize("case", ["trend", "outlier block first"])
-@pytest.mark.parametrize("shape, layout", [((4096, 8), "contiguous"), ((1024, 8, 2, 2), "channels_last")])
-def test_a_far_centre_keeps_the_variance(ops, shape, layout, case):
-    """Rows tiles after the first take deviations from the mean of the rows before them: data
-    whose values drift along the rows (a trend of 100 a sample, as in sorted data) or whose first
-    tile is far from the rest (1e4 against randn) puts that centre far from a tile's values, and the
-    mean and variance still keep float precision (their error stays a few eps of what the merge
-    adds for that tile)."""
+@pytest.mark.parametrize("shape, layout, first_tile", [((4096, 8), "contiguous", 32),
+                                                       ((1024, 8, 2, 2), "channels_last", 8),
+                                                       ((256, 4, 8, 8), "contiguous", 32)])
+def test_a_far_centre_keeps_the_variance(ops, shape, layout, first_tile, case):
+    """Tiles after the first (rows: 32 rows; planes: 2048 values of a channel, here 32 samples)
+    take deviations from the mean of the values before them: data whose values drift along the
+    batch (a trend of 100 a sample, as in sorted data) or whose first tile is far from the rest
+    (1e4 against randn) puts that centre far from a tile's values, and the mean and variance still
+    keep float precision (their error stays a few eps of what the merge adds for that tile)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     if case == "trend":
         x += 100 * torch.arange(shape[0], dtype=torch.float32).view([-1] + [1] * (len(shape) - 1))
     else:
-        x[: 32 * shape[0] // x[:, 0].numel()] += 1e4  # the first 32-row tile
+        x[:first_tile] += 1e4  # the samples of the first tile
     x = laid_out(x, layout)
     _, mean, var, _ = forward(ops, x, None, None)
     dims = [0, *range(2, len(shape))]
