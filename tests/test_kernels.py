@@ -11,7 +11,7 @@ float64 on the same input.
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from torch.autograd import gradcheck
 from torch.testing._internal.common_methods_invocations import op_db
 
@@ -238,6 +238,7 @@ def test_a_gradient_in_another_layout_or_expanded(ops):
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
        dtype=st.sampled_from([torch.float64, torch.float32]),
        offset=st.sampled_from([0.0, 5.0, -1e3]), seed=st.integers(0, 2**16))
+@example(n=2, c=26, spatial=[], layout="contiguous", dtype=torch.float32, offset=0.0, seed=1521)  # var near eps
 def test_any_shape(ops, n, c, spatial, layout, dtype, offset, seed):
     shape = (n, c, *spatial)
     if layout == "channels_last" and len(shape) not in (4, 5):
@@ -250,7 +251,13 @@ def test_any_shape(ops, n, c, spatial, layout, dtype, offset, seed):
     scale = max(1.0, abs(offset))
     torch.testing.assert_close(y.double(), y64, rtol=0, atol=tol * y64.abs().max().item())
     torch.testing.assert_close(mean.double(), mean64, rtol=0, atol=tol * scale)
-    torch.testing.assert_close(dx.double(), dx64, rtol=0, atol=tol * (1 + dx64.abs().max().item()) * scale)
+    # dx of a channel whose variance is near eps is ill-conditioned (few samples: 1 - xhat^2 cancels);
+    # there the bound is twice nn's own error against float64.
+    xn = x.detach().clone().requires_grad_()
+    torch.nn.functional.batch_norm(xn, None, None, w, b, True, 0.1, EPS).backward(dy)
+    err_nn = (xn.grad.double() - dx64).abs().max().item()
+    atol_dx = max(tol * (1 + dx64.abs().max().item()) * scale, 2 * err_nn)
+    torch.testing.assert_close(dx.double(), dx64, rtol=0, atol=atol_dx)
     torch.testing.assert_close(db.double(), db64, rtol=0, atol=tol * dy.double().abs().sum().item())
     torch.testing.assert_close(dw.double(), dw64, rtol=0, atol=tol * (1 + dy.double().abs().sum().item()))
 
