@@ -67,3 +67,12 @@ def test_train_time_runs_both_orders_and_reports_the_median(tmp_path, capsys):
     assert out[-1].startswith("torch_bn / nn.BatchNorm1d training time over 2 runs: median ")
     median = float(out[-1].split("median ", 1)[1].split(" ", 1)[0])
     assert abs(median - (ratios[0] + ratios[1]) / 2) <= 1e-3  # the printed ratios are rounded
+
+
+def test_train_time_steps_times_both_models_in_one_process(capsys):
+    from bench import train_time
+
+    train_time.main(["--steps", "--samples", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("torch_bn: ") and out[1].startswith("nn: ")
+    assert out[-1].startswith("torch_bn / nn.BatchNorm1d per training step (1 thread(s), 3 samples of 5 steps): CPU ")
