@@ -41,6 +41,7 @@ MLP_SHAPES = [(50, 100), (50, 50)]
 # BatchNorm2d sizes (N, C, H, W): CIFAR-like early and late ResNet layers; contiguous and channels-last.
 SHAPES_4D = [(32, 64, 32, 32), (128, 256, 8, 8)]
 LAYOUTS = ("contiguous", "channels_last")
+CALLS_PER_TURN = 4  # CPU timing: consecutive calls of one implementation per turn (see timer)
 ACCESSES_FWD_BWD = 8
 ACCESSES_FWD = 3
 
@@ -48,9 +49,12 @@ ACCESSES_FWD = 3
 def timer(device: str, budget_s: float):
     """A function that takes {name: fn} and returns {name: median seconds of fn()} on this device.
 
-    CPU: the functions run in turns (a, b, a, b, ...) rather than one after the other, so that
-    the drift of a noisy shared machine (and the state one leaves for the next: caches, the
-    heap) falls on all of them alike.
+    CPU: the functions run in turns, a few calls at a time (a a a a, b b b b, a a a a, ...),
+    rather than one after the other, so that the drift of a noisy shared machine falls on all of
+    them alike; the median of the calls then belongs to each function's own steady state. (One
+    call at a time let one implementation's frees decide where the other's next buffers land:
+    interleaved with nn.BatchNorm1d at 256x1024, torch_bn's outputs came from memory glibc had
+    just returned to the kernel, 256 page faults a call, which neither has when run alone.)
     """
     if device == "cuda":
         import triton.testing
@@ -66,9 +70,10 @@ def timer(device: str, budget_s: float):
         while (len(times[next(iter(fns))]) < 5
                or (time.perf_counter() - start < budget_s * len(fns) and len(times[next(iter(fns))]) < 200)):
             for k, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+                for _ in range(CALLS_PER_TURN):
+                    t = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t)
         return {k: statistics.median(v) for k, v in times.items()}
 
     return median_cpu
