@@ -51,7 +51,7 @@ def test_table_cases_layouts_threads_and_columns():
 
 
 def test_train_time_runs_both_orders_and_reports_the_median(tmp_path, capsys):
-    """bench.train_time on a tiny CIFAR-10 folder: one compare per order for the seed, each ratio
+    """bench.train_time on a tiny CIFAR-10 folder: one compare per order for seed 0, each ratio
     from the wall times the runs wrote, and their median; nothing left behind in the logs."""
     from bench import train_time
     from helpers import write_tiny_cifar10
