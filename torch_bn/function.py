@@ -218,7 +218,14 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
         if running_var is not None:
             m = x.numel() // x.shape[1]
             running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
-        if num_batches_tracked is not None:
+    count_batch(num_batches_tracked)
+
+
+def count_batch(num_batches_tracked: Tensor | None) -> None:
+    """One more batch on a module's counter, where given: in Python what the compiled forward op
+    does in its own call (torch_bn_cpp::batch_norm_forward's num_batches_tracked)."""
+    if num_batches_tracked is not None:
+        with torch.no_grad():
             num_batches_tracked.add_(1)
 
 

@@ -189,9 +189,8 @@ def batch_norm(
 
 def _count(num_batches_tracked: Tensor | None, training: bool) -> None:
     """One more batch on the counter, in training mode (the Function's bodies count their own)."""
-    if training and num_batches_tracked is not None:
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
+    if training:
+        _function.count_batch(num_batches_tracked)
 
 
 def batch_norm_stateless(

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import func as _func
 from . import ops
+from .function import count_batch
 from .functional import batch_norm, batch_norm_stateless, batch_renorm, batch_renorm_stateless
 
 _DOC = r"""Batch normalization over a {dims} input; a drop-in for :class:`torch.nn.{name}` (a subclass of it).
@@ -117,7 +118,7 @@ def batch_norm_arguments(module: nn.modules.batchnorm._NormBase, *, defer_count:
             if momentum is None:
                 factor = 1.0 / (float(count) + 1.0)
             if not defer_count:
-                count.add_(1)
+                count_batch(count)
                 count = None
         return running_mean, running_var, True, factor, count
     if training:  # running statistics not tracked: neither used nor updated
