@@ -116,11 +116,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   return result;
 }
 
-void check_backward(const char* op, const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd) {
+// The gradient dy has the input's shape and dtype.
+void check_gradient(const char* op, const Tensor& dy, const Tensor& x) {
   TORCH_CHECK(dy.sizes() == x.sizes(), op, ": the gradient's shape ", dy.sizes(), " differs from the input's ",
               x.sizes());
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": the gradient's dtype ", dy.scalar_type(),
               " differs from the input's ", x.scalar_type());
+}
+
+void check_backward(const char* op, const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd) {
+  check_gradient(op, dy, x);
   const auto acc = at::toOpMathType(x.scalar_type());
   for (const Tensor* v : {&mean, &rstd}) {
     TORCH_CHECK(v->dim() == 1 && v->numel() == x.size(1) && v->scalar_type() == acc, op,
@@ -175,9 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> ghost_backward_cpu(const Tensor& dy, const Te
   check_cpu(op, dy);
   check_input(op, x, weight, std::nullopt);
   check_ghost(op, x, virtual_batch_size);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op, ": the gradient (",
-              dy.scalar_type(), " ", dy.sizes(), ") must have the input's shape and dtype (", x.scalar_type(), " ",
-              x.sizes(), ")");
+  check_gradient(op, dy, x);
   const int64_t v = std::min(virtual_batch_size, x.size(0)), chunks = (x.size(0) + v - 1) / v;
   const auto acc = at::toOpMathType(x.scalar_type());
   for (const Tensor* t : {&mean, &rstd}) {
