@@ -309,37 +309,34 @@ void rows_affine(const scalar_t* u, const scalar_t* x, int64_t C, int64_t r0, in
     scalar_t* outr = out + i * C;
     for (int64_t j = 0; j < C; j += P::kSize) {
       const int64_t cnt = std::min(P::kSize, C - j);
-      V a, b;
-      P::load(xr + j, a, b, cnt);
-      V ya, yb;
-      if constexpr (!kCentred) {
-        const int64_t na = std::min(cnt, h), nb = std::max<int64_t>(cnt - h, 0);
-        ya = at::vec::fmadd(a, cnt == P::kSize ? V::loadu(scale + j) : V::loadu(scale + j, na),
-                            cnt == P::kSize ? V::loadu(shift + j) : V::loadu(shift + j, na));
-        yb = nb > 0 ? at::vec::fmadd(b, cnt == P::kSize ? V::loadu(scale + j + h) : V::loadu(scale + j + h, nb),
-                                     cnt == P::kSize ? V::loadu(shift + j + h) : V::loadu(shift + j + h, nb))
-                    : V(opmath_t(0));
-      } else if (cnt == P::kSize) {
-        ya = at::vec::fmadd(a - V::loadu(mean + j), V::loadu(scale + j), V::loadu(shift + j));
-        yb = at::vec::fmadd(b - V::loadu(mean + j + h), V::loadu(scale + j + h), V::loadu(shift + j + h));
-      } else {
-        const int64_t na = std::min(cnt, h), nb = std::max<int64_t>(cnt - h, 0);
-        ya = at::vec::fmadd(a - V::loadu(mean + j, na), V::loadu(scale + j, na), V::loadu(shift + j, na));
-        yb = nb > 0 ? at::vec::fmadd(b - V::loadu(mean + j + h, nb), V::loadu(scale + j + h, nb),
-                                     V::loadu(shift + j + h, nb))
-                    : V(opmath_t(0));
-      }
-      if constexpr (kWithU) {
-        V ua, ub;
-        P::load(u + i * C + j, ua, ub, cnt);
+      const int64_t na = std::min(cnt, h), nb = std::max<int64_t>(cnt - h, 0);
+      // Coefficients v[j, j + cnt) as two vectors (zeros past cnt; those lanes are never stored).
+      auto coefficients = [&](const opmath_t* v, V& lo, V& hi) {
         if (cnt == P::kSize) {
-          ya = at::vec::fmadd(V::loadu(alpha + j), ua, ya);
-          yb = at::vec::fmadd(V::loadu(alpha + j + h), ub, yb);
+          lo = V::loadu(v + j);
+          hi = V::loadu(v + j + h);
         } else {
-          const int64_t na = std::min(cnt, h), nb = std::max<int64_t>(cnt - h, 0);
-          ya = at::vec::fmadd(V::loadu(alpha + j, na), ua, ya);
-          if (nb > 0) yb = at::vec::fmadd(V::loadu(alpha + j + h, nb), ub, yb);
+          lo = V::loadu(v + j, na);
+          hi = nb > 0 ? V::loadu(v + j + h, nb) : V(opmath_t(0));
         }
+      };
+      V a, b, sa, sb, ta, tb;
+      P::load(xr + j, a, b, cnt);
+      if constexpr (kCentred) {
+        V ma, mb;
+        coefficients(mean, ma, mb);
+        a = a - ma;
+        b = b - mb;
+      }
+      coefficients(scale, sa, sb);
+      coefficients(shift, ta, tb);
+      V ya = at::vec::fmadd(a, sa, ta), yb = at::vec::fmadd(b, sb, tb);
+      if constexpr (kWithU) {
+        V ua, ub, aa, ab;
+        P::load(u + i * C + j, ua, ub, cnt);
+        coefficients(alpha, aa, ab);
+        ya = at::vec::fmadd(aa, ua, ya);
+        yb = at::vec::fmadd(ab, ub, yb);
       }
       P::store(outr + j, ya, yb, cnt);
     }
