@@ -326,6 +326,11 @@ def cases(shapes: list[tuple[int, ...]], layouts: list[str]) -> list[tuple[tuple
             for layout in (layouts if len(s) == 4 else ["contiguous"])]
 
 
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """--shapes "4096x1024,32x64x32x32" as [(4096, 1024), (32, 64, 32, 32)]."""
+    return [tuple(int(d) for d in shape.split("x")) for shape in text.split(",")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -353,7 +358,7 @@ def main() -> None:
     threads = parse_threads(args.threads)
     if args.mlp:
         measure = timer("cpu", args.budget)
-        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else MLP_SHAPES
+        shapes = parse_shapes(args.shapes) if args.shapes else MLP_SHAPES
         baseline = load_baseline(args.baseline) if args.baseline else None
         rows = []
         for t in threads:
@@ -373,7 +378,7 @@ def main() -> None:
         return
     if args.fallback:
         measure = timer("cpu", args.budget)
-        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else FALLBACK_SHAPES
+        shapes = parse_shapes(args.shapes) if args.shapes else FALLBACK_SHAPES
         for t in threads:
             if t:
                 torch.set_num_threads(t)
@@ -383,7 +388,7 @@ def main() -> None:
                                   for d in (args.dtype or ["float32", "bfloat16"]) for s in shapes])
             print(f"load average after: {load_average()}")
         return
-    shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+    shapes = (parse_shapes(args.shapes) if args.shapes
               else SHAPES + (CUDA_ONLY if args.device == "cuda" else []) + SHAPES_4D)
     layouts = args.layout or (["channels_last"] if args.channels_last else list(LAYOUTS))
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -49,8 +50,6 @@ def compare_once(norms: str, seed: int, args: argparse.Namespace, logdir: str) -
 
 def step_times(threads: int, samples: int, steps: int = 5) -> dict[str, tuple[float, float]]:
     """Per training step, medians in microseconds: norm -> (CPU time, wall time)."""
-    import random
-
     import torch
 
     from cifar_bn.models import MLP
