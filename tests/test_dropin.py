@@ -3,6 +3,7 @@ torchvision's feature extractor), PyTorch's checks and exception types, state_di
 zero-size batches, BatchNorm3d and the lazy classes, the way back to torch.nn, docstrings.
 Forward-mode AD is in test_forward_ad.py."""
 import doctest
+import itertools
 
 import pytest
 import torch
@@ -338,3 +339,27 @@ def test_docstrings_like_torch_nn(cls):
     runner = doctest.DocTestRunner()
     runner.run(test)
     assert runner.failures == 0 and runner.tries >= 4
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_parameter_dtypes_and_sizes_refused_where_pytorch_refuses(input_dtype):
+    """Every combination of dtypes (the input's, float32, float64) for running_mean, running_var,
+    weight and bias, and a wrong size at each of them: torch_bn refuses exactly what F.batch_norm
+    refuses (training mode, CPU), and computes nn's result otherwise."""
+    x = torch.randn(6, 4).to(input_dtype)
+    kinds = sorted({input_dtype, torch.float32, torch.float64}, key=str)
+    cases = [(dtypes, None) for dtypes in itertools.product(kinds, repeat=4)]
+    cases += [((input_dtype,) * 4, wrong) for wrong in range(4)]
+    accepted = 0
+    for dtypes, wrong in cases:
+        tensors = [torch.rand(5 if k == wrong else 4, dtype=d) + 0.5 for k, d in enumerate(dtypes)]
+        ref, ref_err = outcome(lambda: F.batch_norm(x, *[t.clone() for t in tensors], training=True))
+        got, err = outcome(lambda: torch_bn.functional.batch_norm(x, *[t.clone() for t in tensors], training=True))
+        assert (err is None) == (ref_err is None), (dtypes, wrong, err, ref_err)
+        if err is None:
+            accepted += 1
+            tol = 1e-2 if input_dtype == torch.bfloat16 else 1e-5  # bfloat16: one unit of rounding of y
+            torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+        else:
+            assert isinstance(err, type(ref_err)), (dtypes, wrong, type(err), type(ref_err))
+    assert accepted == (2 if input_dtype == torch.bfloat16 else 1)

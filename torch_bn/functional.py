@@ -86,12 +86,18 @@ def check_input(input: Tensor, training: bool, eps: float, running_mean: Tensor 
                                     "running_var; pass them, or use training=True for batch statistics")
     elif running_var is None:
         raise RunningStatsError(_ONE_RUNNING_STAT)
-    channels = shape[1]
+    # One dtype for all of them, the input's or (float16/bfloat16 input) float32, and one value per
+    # channel; where not, _check_parameters says which is wrong.
+    channels, common, fine = shape[1], None, True
     for v in (running_mean, running_var, weight, bias):
-        if v is not None and (v.dtype != dtype or v.numel() != channels):
-            _check_parameters(input, (("running_mean", running_mean), ("running_var", running_var),
-                                      ("weight", weight), ("bias", bias)))
-            break
+        if v is not None:
+            common = common or v.dtype
+            if v.dtype != common or v.numel() != channels:
+                fine = False
+                break
+    if not fine or common is not None and common != dtype and common != ops.compute_dtype(input):
+        _check_parameters(input, (("running_mean", running_mean), ("running_var", running_var),
+                                  ("weight", weight), ("bias", bias)))
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
         raise RuntimeError("running_mean and running_var must not require grad: batch norm does not "
                            "differentiate with respect to them (PyTorch neither); pass them detached, "

@@ -13,8 +13,8 @@ compiled CPU op, the fused or Triton kernels or the reference ops), the ``backwa
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import func as _func
 from . import ops
@@ -160,7 +160,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize input (N, C, *); mask: bool (N, *), training statistics over its True
         positions only (see :func:`torch_bn.functional.batch_norm`)."""
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, Proxy):
             # torch.fx symbolic tracing: record this layer as one call of the module, as torch.fx
             # does for torch.nn's own layers (leaf modules), so that the graph runs this forward:
             # input checks, running-statistics update and the train/eval switch included.
