@@ -11,13 +11,15 @@
 // - planes: (N, C, L) with L > 1 (contiguous NCHW...): N runs of L values per channel. Vectors
 //   run along each run.
 //
-// Statistics, accurate where one-pass sums are not: the data is cut into tiles small enough to
-// stay in L1/L2 (rows: 32 rows x up to 1024 channels; planes: up to 2048 values of one run).
-// Each tile is read twice while it is in cache: its sum gives a centre c, then sum(x - c) and
-// sum((x - c)^2) give its mean and centred sum of squares; tiles merge into double-precision
-// running (count, mean, M2) per channel by Chan et al.'s pairwise update. So deviations are
-// always taken from a nearby centre (constant features give M2 = 0 exactly, 1e6 + randn keeps
-// its variance) while x leaves memory once for the statistics.
+// Statistics, accurate where one-pass sums are not: the data is cut into tiles (rows: 32 rows x
+// up to 1024 channels, the first tile of a range 8 rows; planes: up to 2048 values of one run).
+// The first tile is read twice while it is in cache: its sum gives a centre c, then sum(x - c)
+// and sum((x - c)^2) give its mean and centred sum of squares; every later tile is read once,
+// centred on the mean of the values before it. Tiles merge into double-precision running
+// (count, mean, M2) per channel by Chan et al.'s pairwise update (rows: one count for all
+// columns, the means and M2 as arrays, so the merges vectorize). So deviations are always taken
+// from a nearby centre (constant features give M2 = 0 exactly, 1e6 + randn keeps its variance)
+// while x leaves memory once for the statistics.
 //
 // y = (x - mean_f) * scale + shift, where mean_f is the mean rounded to the op-math type,
 // scale = rstd * weight and shift = bias - (mean - mean_f) * scale: x - mean_f is exact in
@@ -61,6 +63,9 @@ using at::vec::Vectorized;
 constexpr int64_t kGrain = 1 << 15;
 // Rows tiles: rows per tile and channels per tile.
 constexpr int64_t kTileRows = 32;
+// Rows of the first tile of a range, the one read twice (its own mean is its centre): few, since
+// the later tiles need only some centre near the data, and a second pass costs as much as a first.
+constexpr int64_t kFirstTileRows = 8;
 constexpr int64_t kTileCols = 1024;
 // Planes tiles: values of one run per tile.
 constexpr int64_t kSegment = 2048;
@@ -145,13 +150,13 @@ struct Moments {
     double nb, inv, w, cross;
     Factors(double n, double nb) : nb(nb), inv(1.0 / nb), w(nb / (n + nb)), cross(n * nb / (n + nb)) {}
   };
-  inline void add(const Factors& f, double c, double s1, double s2) {
+  // (On a column's mean and m2 held apart: rows keep one count for all their columns.)
+  static inline void add(const Factors& f, double c, double s1, double s2, double& mean, double& m2) {
     const double mb = c + s1 * f.inv;
     const double m2b = s2 - s1 * (s1 * f.inv);
     const double delta = mb - mean;
     mean += delta * f.w;
     m2 += m2b + delta * delta * f.cross;
-    n += f.nb;
   }
   // Merges a tile of nb values with centre c, s1 = sum(x - c), s2 = sum((x - c)^2).
   inline void add(double nb, double c, double s1, double s2) {
@@ -192,7 +197,7 @@ Geometry geometry(const Tensor& x) {
 // ---------------------------------------------------------------------------------------------
 // rows: (R, C) row-major
 
-// Moments of every column over rows [r0, r1), into st[0..C).
+// Moments of every column over rows [r0, r1), written to st[0..C).
 //
 // Each tile's deviations are taken from a centre per column. For the first tile of the range: the
 // tile's own mean (a first pass, row by row, for the sums; then the deviations, one vector of
@@ -213,15 +218,17 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, Moments*
   // Per vector of columns q: a, b halves of the centres and of the sums s1, s2.
   V ca[kVecs], cb[kVecs], s1a[kVecs], s1b[kVecs], s2a[kVecs], s2b[kVecs];
   __at_align__ opmath_t c_buf[P::kSize], s1_buf[P::kSize], s2_buf[P::kSize];
-  for (int64_t i0 = r0; i0 < r1; i0 += kTileRows) {
-    const int64_t nb = std::min(kTileRows, r1 - i0);
+  // The running state of every column, as arrays (every column holds the same count), so that
+  // the per-tile merges and centre loads below are loops the compiler vectorizes.
+  std::vector<double> mean(C, 0.0), m2(C, 0.0);
+  for (int64_t i0 = r0, nb = 0; i0 < r1; i0 += nb) {
     const bool first_tile = i0 == r0;
+    nb = std::min(first_tile ? kFirstTileRows : kTileRows, r1 - i0);
     const V inv(opmath_t(1) / static_cast<opmath_t>(nb));
     const Moments::Factors factors(static_cast<double>(i0 - r0), static_cast<double>(nb));
     for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
       const int64_t wt = std::min(kTileCols, C - j0);
       const int64_t nq = (wt + P::kSize - 1) / P::kSize;
-      Moments* sj = st + j0;
       if (first_tile) {
         // Pass 1, row by row: the tile's column sums; pass 2, one vector of columns at a time
         // from cache: the deviations from the tile's mean.
@@ -256,9 +263,9 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, Moments*
         // (Lanes past the last column read zeros and have centre zero: they add nothing.)
         for (int64_t q = 0; q < nq; ++q) {
           const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
-          for (int64_t k = 0; k < P::kSize; ++k) {
-            c_buf[k] = k < cnt ? static_cast<opmath_t>(sj[q * P::kSize + k].mean) : opmath_t(0);
-          }
+          const double* mq = mean.data() + j0 + q * P::kSize;
+          for (int64_t k = 0; k < cnt; ++k) c_buf[k] = static_cast<opmath_t>(mq[k]);
+          for (int64_t k = cnt; k < P::kSize; ++k) c_buf[k] = opmath_t(0);
           ca[q] = V::loadu(c_buf);
           cb[q] = V::loadu(c_buf + h);
           s1a[q] = s1b[q] = s2a[q] = s2b[q] = V(opmath_t(0));
@@ -285,14 +292,16 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, Moments*
         s1b[q].store(s1_buf + h);
         s2a[q].store(s2_buf);
         s2b[q].store(s2_buf + h);
-        Moments* s = sj + q * P::kSize;
+        double* mq = mean.data() + j0 + q * P::kSize;
+        double* m2q = m2.data() + j0 + q * P::kSize;
         for (int64_t k = 0; k < cnt; ++k) {
-          s[k].add(factors, static_cast<double>(c_buf[k]), static_cast<double>(s1_buf[k]),
-                   static_cast<double>(s2_buf[k]));
+          Moments::add(factors, static_cast<double>(c_buf[k]), static_cast<double>(s1_buf[k]),
+                       static_cast<double>(s2_buf[k]), mq[k], m2q[k]);
         }
       }
     }
   }
+  for (int64_t j = 0; j < C; ++j) st[j] = Moments{static_cast<double>(r1 - r0), mean[j], m2[j]};
 }
 
 // y[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j] over rows [r0, r1); with kWithU,
