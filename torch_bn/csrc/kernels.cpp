@@ -12,7 +12,8 @@
 //   run along each run.
 //
 // Statistics, accurate where one-pass sums are not: the data is cut into tiles (rows: 32 rows x
-// up to 1024 channels, the first tile of a range 8 rows; planes: up to 2048 values of one run).
+// up to 1024 channels, the first tile of a range 8 rows; planes: whole runs of a channel grouped
+// up to 2048 values, the first group up to 512, or 2048-value segments of longer runs).
 // The first tile is read twice while it is in cache: its sum gives a centre c, then sum(x - c)
 // and sum((x - c)^2) give its mean and centred sum of squares; every later tile is read once,
 // centred on the mean of the values before it. Tiles merge into double-precision running
@@ -69,6 +70,8 @@ constexpr int64_t kFirstTileRows = 8;
 constexpr int64_t kTileCols = 1024;
 // Planes tiles: values of one run per tile.
 constexpr int64_t kSegment = 2048;
+// Values of the first tile of a channel's runs, where runs are grouped (see plane_moments).
+constexpr int64_t kFirstSegment = 512;
 
 // Two vectors of op-math values, loaded from / stored to scalar_t memory; n < kSize reads only
 // the first n values (the rest are zero) and writes only the first n.
@@ -450,8 +453,10 @@ void plane_moments(const scalar_t* p, int64_t N, int64_t L, int64_t stride, Mome
   constexpr int64_t h = V::size();
   const int64_t group = std::max<int64_t>(1, kSegment / std::max<int64_t>(L, 1));
   const int64_t seg = std::min(L, kSegment);
-  for (int64_t i0 = 0; i0 < N; i0 += group) {
-    const int64_t i1 = std::min(N, i0 + group);
+  // The first tile, read twice, groups fewer runs (as rows_moments' first tile has fewer rows).
+  const int64_t first_group = std::max<int64_t>(1, kFirstSegment / std::max<int64_t>(L, 1));
+  for (int64_t i0 = 0, g = first_group; i0 < N; i0 += g, g = group) {
+    const int64_t i1 = std::min(N, i0 + g);
     for (int64_t s0 = 0; s0 < L; s0 += seg) {
       const int64_t len = std::min(seg, L - s0);
       const double nb = static_cast<double>((i1 - i0) * len);
