@@ -501,8 +501,9 @@ void plane_moments(const scalar_t* p, int64_t N, int64_t L, int64_t stride, Mome
   }
 }
 
-// out = (x - mean) * scale + shift over a run; with kWithU, + alpha * u.
-template <bool kWithU, typename scalar_t, typename opmath_t>
+// out = (x - mean) * scale + shift over a run; with kWithU, + alpha * u; without kCentred,
+// out = x * scale + shift (mean unused).
+template <bool kWithU, typename scalar_t, typename opmath_t, bool kCentred = true>
 void run_affine(const scalar_t* u, const scalar_t* x, int64_t len, opmath_t alpha, opmath_t mean, opmath_t scale,
                 opmath_t shift, scalar_t* out) {
   using P = Pack<scalar_t>;
@@ -512,7 +513,11 @@ void run_affine(const scalar_t* u, const scalar_t* x, int64_t len, opmath_t alph
     const int64_t cnt = std::min(P::kSize, len - k);
     V a, b;
     P::load(x + k, a, b, cnt);
-    V ya = at::vec::fmadd(a - mu, sc, sh), yb = at::vec::fmadd(b - mu, sc, sh);
+    if constexpr (kCentred) {
+      a = a - mu;
+      b = b - mu;
+    }
+    V ya = at::vec::fmadd(a, sc, sh), yb = at::vec::fmadd(b, sc, sh);
     if constexpr (kWithU) {
       V ua, ub;
       P::load(u + k, ua, ub, cnt);
@@ -631,8 +636,8 @@ void forward_into(const Tensor& x, const Geometry& whole, const Tensor& w, const
                              w.defined() ? w.const_data_ptr<opmath_t>() : nullptr,
                              b.defined() ? b.const_data_ptr<opmath_t>() : nullptr, eps};
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-      // float16/bfloat16 rows: y = x * gain + offset, one operation and two coefficient loads fewer
-      // per vector than (x - mean) * scale + shift in the y pass, which the conversions to and
+      // float16/bfloat16 (rows and planes): y = x * gain + offset, one operation (and, in rows, two
+      // coefficient loads) fewer per vector than (x - mean) * scale + shift in the y pass, which the conversions to and
       // from 16 bits make compute-bound. The centred form guards float32 outputs against
       // cancellation for inputs far from zero; here the folded form's float error (about
       // 2^-23 |x * gain|) stays below the output's own rounding (2^-9 |y| for bfloat16, 2^-11 for
@@ -687,7 +692,12 @@ void forward_into(const Tensor& x, const Geometry& whole, const Tensor& w, const
             for (int64_t i = 0; i < N; ++i) {
               const int64_t o = (i * C + c) * L;
               if (i + kAhead < N) prefetch_run(yp + o + kAhead * C * L, L, true);
-              run_affine<false>(xp, xp + o, L, opmath_t(0), out.mean[c], out.scale[c], out.shift[c], yp + o);
+              if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {  // y = x * gain + offset
+                run_affine<false, scalar_t, opmath_t, false>(xp, xp + o, L, opmath_t(0), opmath_t(0), out.gain[c],
+                                                             out.offset[c], yp + o);
+              } else {
+                run_affine<false>(xp, xp + o, L, opmath_t(0), out.mean[c], out.scale[c], out.shift[c], yp + o);
+              }
             }
           }
         });
