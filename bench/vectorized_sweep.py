@@ -1,6 +1,6 @@
 """Time the notebook's weight-scale sweep trained sequentially and vectorized, and check they agree.
 
-    python -m bench.vectorized_sweep --data-dir ../shared/data --no-verify [--threads 2] [--repeats 1]
+    python -m bench.vectorized_sweep --data-dir DIR --no-verify [--threads 2] [--repeats 1]
 
 One run of this script trains the whole sweep (20 scales x BN/none, hidden 50x7, 1,000 images, 10 epochs,
 as ``python train.py --experiment weight-scale [--vectorized]``) both ways, alternating, each in a fresh child
