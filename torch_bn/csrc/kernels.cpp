@@ -150,8 +150,8 @@ struct Moments {
   // of a rows tile shares (they all hold the same count): inv = 1 / nb, w = nb / (n + nb),
   // cross = n * nb / (n + nb).
   struct Factors {
-    double nb, inv, w, cross;
-    Factors(double n, double nb) : nb(nb), inv(1.0 / nb), w(nb / (n + nb)), cross(n * nb / (n + nb)) {}
+    double inv, w, cross;
+    Factors(double n, double nb) : inv(1.0 / nb), w(nb / (n + nb)), cross(n * nb / (n + nb)) {}
   };
   // (On a column's mean and m2 held apart: rows keep one count for all their columns.)
   static inline void add(const Factors& f, double c, double s1, double s2, double& mean, double& m2) {
@@ -637,8 +637,8 @@ void forward_into(const Tensor& x, const Geometry& whole, const Tensor& w, const
                              b.defined() ? b.const_data_ptr<opmath_t>() : nullptr, eps};
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
       // float16/bfloat16 (rows and planes): y = x * gain + offset, one operation (and, in rows, two
-      // coefficient loads) fewer per vector than (x - mean) * scale + shift in the y pass, which the conversions to and
-      // from 16 bits make compute-bound. The centred form guards float32 outputs against
+      // coefficient loads) fewer per vector than (x - mean) * scale + shift in the y pass, which
+      // the conversions to and from 16 bits make compute-bound. The centred form guards float32 outputs against
       // cancellation for inputs far from zero; here the folded form's float error (about
       // 2^-23 |x * gain|) stays below the output's own rounding (2^-9 |y| for bfloat16, 2^-11 for
       // float16) unless |x - mean| < 2^-12 |x|, and 16-bit inputs that close to their mean are
