@@ -183,6 +183,77 @@ def test_bad_input_raises_clear_error(ops, x, weight, message):
         ops.forward(x, weight, None, None, None, None, 0.1, 1e-5)
 
 
+def refused_training_calls():
+    """Training-mode calls that torch_bn.functional.check_input refuses, as (name, x, weight, bias,
+    running_mean, running_var, eps)."""
+    x, c = torch.randn(6, 4), 4
+    one, zero = torch.ones(c), torch.zeros(c)
+    bf = torch.randn(6, 4).bfloat16()
+    return [
+        ("eps zero", x, one, zero, zero.clone(), one.clone(), 0.0),
+        ("eps negative", x, one, zero, zero.clone(), one.clone(), -1e-5),
+        ("running_var missing", x, one, zero, zero.clone(), None, 1e-5),
+        ("running_mean missing", x, one, zero, None, one.clone(), 1e-5),
+        ("float64 weight", x, one.double(), zero, zero.clone(), one.clone(), 1e-5),
+        ("float64 running stats", x, one, zero, zero.double(), one.double(), 1e-5),
+        ("bfloat16 and float32 parameters mixed", bf, one.bfloat16(), zero, zero.clone(), one.clone(), 1e-5),
+        ("float64 parameters for bfloat16 input", bf, one.double(), zero.double(), None, None, 1e-5),
+        ("bias size", x, one, torch.zeros(5), zero.clone(), one.clone(), 1e-5),
+        ("running_var size", x, one, zero, zero.clone(), torch.ones(5), 1e-5),
+        ("one value per channel", torch.randn(1, 4), one, zero, zero.clone(), one.clone(), 1e-5),
+        ("integer input", torch.randint(0, 5, (6, 4)), None, None, None, None, 1e-5),
+        ("1-D input", torch.randn(6), None, None, None, None, 1e-5),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(refused_training_calls())))
+def test_the_forward_op_refuses_what_check_input_refuses(ops, case):
+    """torch_bn.functional.batch_norm runs a training-mode call on the compiled op without its
+    Python checks, and runs check_input only where the op refuses: so the op must refuse every
+    call check_input refuses, before it writes anything; batch_norm then raises check_input's
+    error, with its type and message."""
+    name, x, weight, bias, running_mean, running_var, eps = refused_training_calls()[case]
+    count = torch.tensor(7)
+    before = [None if t is None else t.clone() for t in (running_mean, running_var)]
+    with pytest.raises(Exception) as expected:
+        torch_bn.functional.check_input(x, True, eps, running_mean, running_var, weight, bias)
+    with pytest.raises(RuntimeError):
+        ops.forward(x, weight, bias, running_mean, running_var, count, 0.1, eps)
+    assert int(count) == 7, name
+    for t, b in zip((running_mean, running_var), before):
+        assert t is None or torch.equal(t, b), name
+    with pytest.raises(type(expected.value)) as got:
+        batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, eps, num_batches_tracked=count)
+    assert str(got.value) == str(expected.value), name
+    assert int(count) == 7, name
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
+def test_valid_training_calls_skip_the_python_checks(ops, monkeypatch, dtype, param_dtype):
+    """A valid training-mode call of a layer on CPU takes the compiled op with its C++ checks alone
+    (check_input, made to fail here, is not called), forward and backward, and matches nn."""
+    def not_called(*args, **kwargs):
+        raise AssertionError("check_input ran on a valid training-mode call")
+    x = torch.randn(8, 5, dtype=dtype)
+    ours = torch_bn.BatchNorm1d(5).to(param_dtype)
+    ref = torch.nn.BatchNorm1d(5).to(param_dtype)
+    monkeypatch.setattr(torch_bn.functional, "check_input", not_called)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = ours(xa), ref(xb)
+    assert type(y.grad_fn).__name__ == "EagerBatchNormFunctionBackward"
+    y.float().square().sum().backward()
+    y_ref.float().square().sum().backward()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=tol * 5, rtol=tol * 5)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    assert int(ours.num_batches_tracked) == 1
+    with torch.no_grad():
+        ours(x)
+    assert int(ours.num_batches_tracked) == 2
+
+
 def test_bad_backward_input_raises_clear_error(ops):
     x = torch.randn(6, 3)
     _, mean, _, rstd = ops.forward(x, None, None, None, None, None, 0.1, 1e-5)

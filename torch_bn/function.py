@@ -131,7 +131,7 @@ def needed_gradients(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tens
 
 class EagerBatchNormFunction(BatchNormFunction):
     """y = EagerBatchNormFunction.apply(x, weight, bias, eps, backward, running_mean, running_var, momentum,
-    num_batches_tracked)
+    num_batches_tracked, path=None)
 
     BatchNormFunction for eager calls outside torch.func transforms (what
     torch_bn.functional.batch_norm and the modules run there), in the classic
@@ -148,8 +148,9 @@ class EagerBatchNormFunction(BatchNormFunction):
     breakpoint or an edit in BatchNormFunction, or in torch_bn/ops.py, takes effect here too.
     torch.func transforms need the ``setup_context`` style: there BatchNormFunction runs.
     Inputs as BatchNormFunction's, plus running_mean, running_var (C,) or None, updated in place
-    (the unbiased batch variance for running_var) by momentum, and num_batches_tracked (a counter)
-    or None, incremented by one. Output: y alone.
+    (the unbiased batch variance for running_var) by momentum, num_batches_tracked (a counter)
+    or None, incremented by one, and path: what :func:`~torch_bn.dispatch.choose_path` says for
+    x, where the caller has asked it already (None: ask). Output: y alone.
     """
 
     generate_vmap_rule = False
@@ -158,8 +159,8 @@ class EagerBatchNormFunction(BatchNormFunction):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
                 running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
-                num_batches_tracked: Tensor | None) -> Tensor:
-        ctx.path = dispatch.choose_path(x)
+                num_batches_tracked: Tensor | None, path: str | None = None) -> Tensor:
+        ctx.path = path or dispatch.choose_path(x)
         y, mean, rstd = eager_forward(x, weight, bias, eps, backward, running_mean, running_var, momentum,
                                       num_batches_tracked, ctx.path)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -177,9 +178,9 @@ class EagerBatchNormFunction(BatchNormFunction):
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:
-            return None, None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None, None
         dx, dweight, dbias = gradients(ctx, dy)
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 def eager_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import eager, ops
+from . import dispatch, eager, ops
 from . import function as _function
 from .ghost import GhostBatchNormFunction
 from .masked import MaskedBatchNormFunction
@@ -66,7 +66,8 @@ def check_input(input: Tensor, training: bool, eps: float, running_mean: Tensor 
     check_count=False leaves out the "more than 1 value per channel" check (synchronized batch
     norm counts over every rank)."""
     # Ordered so that valid input, the common case, costs few Python operations: at the MLP's
-    # (50, 100) the whole layer takes ~150 us, and every check runs on every call.
+    # (50, 100) the whole layer takes ~150 us. (batch_norm's training-mode calls on the compiled op
+    # run the same checks in C++ instead, and call this only where the op refuses the input.)
     shape, dtype = input.shape, input.dtype
     if not dtype.is_floating_point:
         raise UnsupportedDtypeError(
@@ -153,6 +154,21 @@ def batch_norm(
     num_batches_tracked: a module's batch counter, incremented by one in training mode once the
     batch is normalized (the modules pass theirs: the compiled CPU op counts in its own call).
     """
+    if (training and mask is None and virtual_batch_size is None and dispatch.choose_path(input) == "cpp"
+            and backward in ops.BACKWARDS and (running_mean is None or running_var is None
+                                               or not (running_mean.requires_grad or running_var.requires_grad))):
+        # The common case, training on the compiled op: its own checks (csrc/ops.cpp, as strict as
+        # check_input's) take the place of check_input's Python ones, a few microseconds a call at
+        # the MLP's sizes. Where they refuse (nothing has been written then), the general path
+        # below runs: check_input says what is wrong, or the case is one it serves (an empty batch).
+        try:
+            if not _function.records_graph(input, weight, bias):
+                return _function.eager_forward(input, weight, bias, eps, backward, running_mean, running_var,
+                                               momentum, num_batches_tracked, "cpp")[0]
+            return _function.EagerBatchNormFunction.apply(input, weight, bias, eps, backward, running_mean,
+                                                          running_var, momentum, num_batches_tracked, "cpp")
+        except RuntimeError:
+            pass
     if backward not in ops.BACKWARDS:
         raise ValueError(f"backward must be one of {ops.BACKWARDS}, got {backward!r}")
     if input.dim() < 2 and input.numel() == 0:  # empty 1-D input: empty output, as PyTorch

@@ -74,6 +74,34 @@ void update_running(Tensor& running, const Tensor& batch, double factor, double 
   });
 }
 
+bool given(const std::optional<Tensor>& v) { return v.has_value() && v->defined(); }
+
+// The rest of torch_bn.functional.check_input's rules for a training-mode call, so that a call
+// these checks pass is one that check_input passes too (torch_bn.functional.batch_norm runs them
+// here, in C++, and check_input only to say what is wrong): eps positive; both running statistics
+// or neither; weight, bias and the running statistics in one dtype, the
+// input's or, for float16/bfloat16 input, float32 (PyTorch's rule); empty input refused (the
+// Python paths give it an empty output). (Running statistics that require grad are refused in
+// grad mode only, which is not known here: batch_norm checks that in Python.)
+void check_training_arguments(const char* op, const Tensor& x, const std::optional<Tensor>& weight,
+                              const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                              const std::optional<Tensor>& running_var, double eps) {
+  TORCH_CHECK(eps > 0.0, op, ": batch_norm eps must be positive during training, got ", eps);
+  TORCH_CHECK(given(running_mean) == given(running_var), op,
+              ": running_mean and running_var must both be given or neither");
+  TORCH_CHECK(x.numel() > 0, op, ": batch_norm got an empty input of shape ", x.sizes());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  std::optional<at::ScalarType> common;
+  for (const auto* v : {&weight, &bias, &running_mean, &running_var}) {
+    if (!given(*v)) continue;
+    const auto dtype = (*v)->scalar_type();
+    if (!common) common = dtype;
+    TORCH_CHECK(dtype == *common && (dtype == x.scalar_type() || dtype == acc), op, ": weight, bias, running_mean ",
+                "and running_var must all be ", x.scalar_type(), acc != x.scalar_type() ? " (or all float)" : "",
+                " for ", x.scalar_type(), " input, got one in ", dtype);
+  }
+}
+
 // The forward, then (where given) the running statistics move towards the batch's, as in
 // F.batch_norm: running = lerp(running, batch, momentum), with the unbiased batch variance.
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const std::optional<Tensor>& weight,
@@ -89,6 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
     TORCH_CHECK(!v->has_value() || !(*v)->defined() || (*v)->numel() == x.size(1), op, ": a running statistic has ",
                 (*v)->numel(), " elements but the input has ", x.size(1), " channels (dim 1)");
   }
+  check_training_arguments(op, x, weight, bias, running_mean, running_var, eps);
   const bool count = num_batches_tracked.has_value() && num_batches_tracked->defined();
   TORCH_CHECK(!count || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()), op,
               ": num_batches_tracked must be a one-element CPU counter, got ", num_batches_tracked->sizes(), " on ",
