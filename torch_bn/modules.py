@@ -82,21 +82,27 @@ def _check_backward(backward: str) -> str:
     return backward
 
 
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_PARAMETERS = ("weight", "bias")
-
-
-def registered(module: nn.Module, table: dict[str, Tensor | None], names: tuple[str, ...]) -> tuple[Tensor | None, ...]:
-    """``module.<name>`` for each of names, read from ``table`` (the module's ``_parameters`` or
-    ``_buffers``), or through the attributes where one of them is not registered there (e.g.
-    moved by ``torch.nn.utils.parametrize``). The same tensors as the attributes, for a fraction of
-    the cost: each read through ``nn.Module.__getattr__`` takes ~1.5 us on this project's CPU,
-    and a batch-norm layer reads five per call, against ~100 us for the whole layer at the MLP's
-    (50, 100)."""
+# A layer's registered tensors, read from its ``_buffers`` / ``_parameters`` tables, or through
+# the attributes where one of them is not registered there (e.g. moved by
+# ``torch.nn.utils.parametrize``). The same tensors as the attributes, for a fraction of the cost:
+# each read through ``nn.Module.__getattr__`` takes ~1.5 us on this project's CPU, and a batch-norm
+# layer reads five per call, against ~100 us for the whole layer at the MLP's (50, 100).
+def running_buffers(module: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``module.running_mean``, ``module.running_var``, ``module.num_batches_tracked``."""
+    table = module._buffers
     try:
-        return tuple(map(table.__getitem__, names))
+        return table["running_mean"], table["running_var"], table["num_batches_tracked"]
     except KeyError:
-        return tuple(getattr(module, name) for name in names)
+        return module.running_mean, module.running_var, module.num_batches_tracked
+
+
+def affine_parameters(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    """``module.weight``, ``module.bias``."""
+    table = module._parameters
+    try:
+        return table["weight"], table["bias"]
+    except KeyError:
+        return module.weight, module.bias
 
 
 def batch_norm_arguments(module: nn.modules.batchnorm._NormBase, *, defer_count: bool = False
@@ -110,7 +116,7 @@ def batch_norm_arguments(module: nn.modules.batchnorm._NormBase, *, defer_count:
     counter as the last value (None where nothing is to count). Shared by the modules here,
     :class:`torch_bn.SyncBatchNorm` and :mod:`torch_bn.batchnorm_act`."""
     training, momentum = module.training, module.momentum
-    running_mean, running_var, count = registered(module, module._buffers, _BUFFERS)
+    running_mean, running_var, count = running_buffers(module)
     # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
     factor = 0.0 if momentum is None else momentum
     if training and module.track_running_stats:
@@ -135,6 +141,14 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     # Whether the functional call counts the batch (batch_norm_arguments' defer_count): not where
     # functional() reads the count after this batch's (batch renormalization's warm-up).
     counts_in_call: bool = True
+    # Whether functional() is this class's (batch_norm with the layer's backward and the mask):
+    # then forward calls batch_norm itself, without building functional()'s keywords, a
+    # microsecond of a call at the MLP's sizes. Set for every subclass by __init_subclass__.
+    plain_call: bool = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.plain_call = cls.functional is _BatchNorm.functional
 
     def __init__(
         self,
@@ -171,10 +185,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return _func.stateless_forward(self, input, mask)
         running_mean, running_var, use_batch_stats, factor, count = batch_norm_arguments(
             self, defer_count=self.counts_in_call)
+        weight, bias = affine_parameters(self)
+        if self.plain_call:
+            return batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps,
+                              backward=self.backward, mask=mask, num_batches_tracked=count)
         function, keywords = self.functional(mask, None, stateless=False)
         if count is not None:
             keywords["num_batches_tracked"] = count
-        weight, bias = registered(self, self._parameters, _PARAMETERS)
         return function(input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps, **keywords)
 
     def functional(self, mask: Tensor | None, num_batches_tracked: Tensor | None, stateless: bool):
