@@ -103,6 +103,11 @@ struct Pack {
       a.store(p, n);
     }
   }
+  // A full pack in an order of lanes of the Pack's choosing, the same for every load_any and
+  // store_any: for loops where each value's result depends on that value alone, or that only sum
+  // (the planes: one channel per run). Here the memory order.
+  static inline void load_any(const scalar_t* p, V& a, V& b) { load(p, a, b); }
+  static inline void store_any(scalar_t* p, const V& a, const V& b) { store(p, a, b); }
 };
 
 // float16 / bfloat16: one vector of 16-bit values is two vectors of float.
@@ -124,6 +129,38 @@ struct Pack<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scal
     } else {
       h.store(p, static_cast<int>(n));
     }
+  }
+  // As Pack<float>'s. For bfloat16, a = the values at even positions and b = those at odd ones:
+  // a bfloat16 is the upper half of a float, so read as 32-bit pairs they are (pair << 16) and
+  // (pair & 0xffff0000), two operations for what convert_to_float does with five, and stores are
+  // the reverse, without convert_from_float's pack and lane permutation. The float16 conversions
+  // are single instructions already: memory order.
+  static inline void load_any(const scalar_t* p, V& a, V& b) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const I pairs = I::loadu(p);
+      a = at::vec::cast<float>(pairs << I(16));
+      b = at::vec::cast<float>(pairs & I(kUpperHalf));
+    } else {
+      load(p, a, b);
+    }
+  }
+  static inline void store_any(scalar_t* p, const V& a, const V& b) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      ((rounded(b) & I(kUpperHalf)) | ((rounded(a) >> I(16)) & I(0xffff))).store(p);
+    } else {
+      store(p, a, b);
+    }
+  }
+
+ private:
+  using I = Vectorized<int32_t>;
+  static constexpr int32_t kUpperHalf = static_cast<int32_t>(0xffff0000u);
+  // The bits of v rounded to bfloat16 in their upper halves: round to nearest, ties to even, and
+  // NaN as 0xffff, exactly as convert_from_float rounds.
+  static inline I rounded(const V& v) {
+    const I bits = at::vec::cast<int32_t>(v);
+    const I r = bits + ((bits >> I(16)) & I(1)) + I(0x7fff);
+    return I::blendv(r, I(-1), at::vec::cast<int32_t>(v.isnan()));
   }
 };
 
@@ -469,7 +506,11 @@ void plane_moments(const scalar_t* p, int64_t N, int64_t L, int64_t stride, Mome
           if (i + kAhead < N) prefetch_run(q + kAhead * stride, len);
           for (int64_t k = 0; k < len; k += P::kSize) {
             V a, b;
-            P::load(q + k, a, b, len - k);
+            if (len - k >= P::kSize) {
+              P::load_any(q + k, a, b);
+            } else {
+              P::load(q + k, a, b, len - k);
+            }
             sa += a;
             sb += b;
           }
@@ -484,12 +525,14 @@ void plane_moments(const scalar_t* p, int64_t N, int64_t L, int64_t stride, Mome
         for (int64_t k = 0; k < len; k += P::kSize) {
           const int64_t cnt = std::min(P::kSize, len - k);
           V a, b;
-          P::load(q + k, a, b, cnt);
-          a = a - cv;
-          b = b - cv;
-          if (cnt < P::kSize) {  // lanes past the run read zeros: no deviation there
-            a = first(a, cnt);
-            b = first(b, cnt - h);
+          if (cnt == P::kSize) {
+            P::load_any(q + k, a, b);
+            a = a - cv;
+            b = b - cv;
+          } else {  // lanes past the run read zeros: no deviation there
+            P::load(q + k, a, b, cnt);
+            a = first(a - cv, cnt);
+            b = first(b - cv, cnt - h);
           }
           t1a += a;
           t1b += b;
@@ -510,21 +553,32 @@ void run_affine(const scalar_t* u, const scalar_t* x, int64_t len, opmath_t alph
   using P = Pack<scalar_t>;
   using V = typename P::V;
   const V al(alpha), mu(mean), sc(scale), sh(shift);
-  for (int64_t k = 0; k < len; k += P::kSize) {
-    const int64_t cnt = std::min(P::kSize, len - k);
-    V a, b;
-    P::load(x + k, a, b, cnt);
+  auto pack = [&](V a, V b, const V& ua, const V& ub, V& ya, V& yb) {
     if constexpr (kCentred) {
       a = a - mu;
       b = b - mu;
     }
-    V ya = at::vec::fmadd(a, sc, sh), yb = at::vec::fmadd(b, sc, sh);
+    ya = at::vec::fmadd(a, sc, sh);
+    yb = at::vec::fmadd(b, sc, sh);
     if constexpr (kWithU) {
-      V ua, ub;
-      P::load(u + k, ua, ub, cnt);
       ya = at::vec::fmadd(al, ua, ya);
       yb = at::vec::fmadd(al, ub, yb);
     }
+  };
+  int64_t k = 0;
+  for (; k + P::kSize <= len; k += P::kSize) {  // full packs, lanes in the Pack's order
+    V a, b, ua, ub, ya, yb;
+    P::load_any(x + k, a, b);
+    if constexpr (kWithU) P::load_any(u + k, ua, ub);
+    pack(a, b, ua, ub, ya, yb);
+    P::store_any(out + k, ya, yb);
+  }
+  if (k < len) {
+    const int64_t cnt = len - k;
+    V a, b, ua, ub, ya, yb;
+    P::load(x + k, a, b, cnt);
+    if constexpr (kWithU) P::load(u + k, ua, ub, cnt);
+    pack(a, b, ua, ub, ya, yb);
     P::store(out + k, ya, yb, cnt);
   }
 }
@@ -554,8 +608,13 @@ void plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t N, int64_t L
         for (int64_t k = 0; k < len; k += P::kSize) {
           const int64_t cnt = std::min(P::kSize, len - k);
           V ga, gb, xa, xb;
-          P::load(dy + o + k, ga, gb, cnt);
-          P::load(x + o + k, xa, xb, cnt);
+          if (cnt == P::kSize) {
+            P::load_any(dy + o + k, ga, gb);
+            P::load_any(x + o + k, xa, xb);
+          } else {
+            P::load(dy + o + k, ga, gb, cnt);
+            P::load(x + o + k, xa, xb, cnt);
+          }
           a1 += ga;
           b1 += gb;
           a2 = at::vec::fmadd(ga, xa - mu, a2);  // zero past the run: dy reads zeros there
