@@ -108,6 +108,28 @@ def test_forward_and_backward_match_the_equations(ops, shape, layout, dtype):
     torch.testing.assert_close(db.double(), db64, rtol=sum_tol, atol=sum_tol * m)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, layout", [((2, 16, 8, 8), "contiguous"), ((3, 2, 2100), "contiguous"),
+                                           ((4, 3, 5), "contiguous"), ((50, 100), "contiguous"),
+                                           ((8, 40, 6, 6), "channels_last")])
+def test_16_bit_outputs_are_rounded_to_nearest(ops, shape, layout, dtype):
+    """y in float16/bfloat16 is the value nearest the float64 result, except where that result lies
+    within the float32 arithmetic's error of a midpoint between two neighbours (the planes loop
+    writes bfloat16 with its own rounding of even and odd values); a NaN stays NaN."""
+    x, dy, w, b = make(shape, dtype, layout)
+    x[(0,) * x.dim()] = float("nan")  # channel 0's statistics NaN, so all its y; the others untouched
+    y = forward(ops, x, w, b)[0]
+    y64 = equations(x, w, b, dy)[0]
+    assert y.select(1, 0).isnan().all() and not y.narrow(1, 1, shape[1] - 1).isnan().any()
+    y, y64 = y.narrow(1, 1, shape[1] - 1).double(), y64.narrow(1, 1, shape[1] - 1)
+    nearest = y64.to(dtype).double()
+    differ = y != nearest
+    terms = (x.narrow(1, 1, shape[1] - 1).double().abs().max() * w.double().abs().max() * 10 + b.double().abs().max())
+    slack = 8 * 2.0 ** -24 * terms.item()  # float32 arithmetic on terms of that size
+    assert ((y64 - (y + nearest) / 2).abs()[differ] <= slack).all(), (y[differ], nearest[differ], y64[differ])
+    assert differ.double().mean().item() < 0.01
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape, layout", CASES)
 def test_as_accurate_as_nn(ops, shape, layout, dtype):
