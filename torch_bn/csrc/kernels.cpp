@@ -403,11 +403,11 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0
   constexpr int64_t kVecs = kTileCols / P::kSize + 1;
   V a1[kVecs], b1[kVecs], a2[kVecs], b2[kVecs];
   __at_align__ opmath_t buf1[P::kSize], buf2[P::kSize];
-  for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
-    const int64_t wt = std::min(kTileCols, C - j0);
-    const int64_t nq = (wt + P::kSize - 1) / P::kSize;
-    for (int64_t i0 = r0; i0 < r1; i0 += kTileRows) {
-      const int64_t i1 = std::min(r1, i0 + kTileRows);
+  for (int64_t i0 = r0; i0 < r1; i0 += kTileRows) {
+    const int64_t i1 = std::min(r1, i0 + kTileRows);
+    for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
+      const int64_t wt = std::min(kTileCols, C - j0);
+      const int64_t nq = (wt + P::kSize - 1) / P::kSize;
       for (int64_t q = 0; q < nq; ++q) a1[q] = b1[q] = a2[q] = b2[q] = V(opmath_t(0));
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t q = 0; q < nq; ++q) {
