@@ -250,3 +250,34 @@ def test_the_environment_switch_is_read_at_import(value, path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=dict(env, TORCH_BN_PATH="fused"))
     assert result.returncode != 0 and "TORCH_BN_PATH='fused' is not a torch_bn path" in result.stderr
+
+
+@pytest.mark.parametrize("mode", dispatch.MODES)
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("cpp_on", [False, True])
+@pytest.mark.parametrize("compiling", [False, True])
+def test_the_cpu_shortcut_agrees_with_the_table(monkeypatch, mode, triton, cpp_on, compiling):
+    """choose_path answers plain CPU tensors in auto mode without walking its table: for every
+    mode, Triton-on-CPU setting, compiled op on or off and torch.compile tracing or not, on small
+    and large float32 and float64 tensors, a subclass, and inside torch.func.vmap, it says what
+    choose_path_by_table says (or both raise the same error)."""
+    if cpp_on and cpp.op() is None:
+        pytest.skip("the compiled op is switched off (TORCH_BN_CPP=0) or cannot be built here")
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", triton)
+    monkeypatch.setattr(cpp, "ENABLED", cpp_on)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    tensors = [SMALL, LARGE, SMALL.double(), torch.nn.Parameter(torch.empty(4, 3))]
+
+    def answer(f, x):
+        try:
+            return f(x)
+        except RuntimeError as e:
+            return f"error: {e}"
+    with dispatch.use_path(mode):
+        for x in tensors:
+            assert answer(choose_path, x) == answer(dispatch.choose_path_by_table, x), (mode, x.shape, type(x))
+        inside = torch.func.vmap(lambda x: torch.tensor([ord(c) for c in answer(choose_path, x)
+                                                         + "|" + answer(dispatch.choose_path_by_table, x)]))
+        codes = inside(torch.empty(2, 5, 3))[0].tolist()
+        first, second = "".join(map(chr, codes)).split("|")
+        assert first == second == "reference"

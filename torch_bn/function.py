@@ -160,9 +160,13 @@ class EagerBatchNormFunction(BatchNormFunction):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backward: str,
                 running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
                 num_batches_tracked: Tensor | None, path: str | None = None) -> Tensor:
-        ctx.path = path or dispatch.choose_path(x)
-        y, mean, rstd = eager_forward(x, weight, bias, eps, backward, running_mean, running_var, momentum,
-                                      num_batches_tracked, ctx.path)
+        ctx.path = path = path or dispatch.choose_path(x)
+        if path == "cpp":  # eager_forward's first branch, without a Python call more per layer
+            y, mean, _var, rstd = cpp.op().forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                   momentum, eps)
+        else:
+            y, mean, rstd = eager_forward(x, weight, bias, eps, backward, running_mean, running_var, momentum,
+                                          num_batches_tracked, path)
         ctx.save_for_backward(x, weight, mean, rstd)
         if forward_ad._current_level >= 0:  # jvp runs only within a dual level
             ctx.save_for_forward(x, weight, mean, rstd)

@@ -82,20 +82,11 @@ def _check_backward(backward: str) -> str:
     return backward
 
 
-# A layer's registered tensors, read from its ``_buffers`` / ``_parameters`` tables, or through
+# A layer's registered tensors are read from its ``_buffers`` / ``_parameters`` tables, or through
 # the attributes where one of them is not registered there (e.g. moved by
 # ``torch.nn.utils.parametrize``). The same tensors as the attributes, for a fraction of the cost:
 # each read through ``nn.Module.__getattr__`` takes ~1.5 us on this project's CPU, and a batch-norm
 # layer reads five per call, against ~100 us for the whole layer at the MLP's (50, 100).
-def running_buffers(module: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``module.running_mean``, ``module.running_var``, ``module.num_batches_tracked``."""
-    table = module._buffers
-    try:
-        return table["running_mean"], table["running_var"], table["num_batches_tracked"]
-    except KeyError:
-        return module.running_mean, module.running_var, module.num_batches_tracked
-
-
 def affine_parameters(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
     """``module.weight``, ``module.bias``."""
     table = module._parameters
@@ -116,7 +107,11 @@ def batch_norm_arguments(module: nn.modules.batchnorm._NormBase, *, defer_count:
     counter as the last value (None where nothing is to count). Shared by the modules here,
     :class:`torch_bn.SyncBatchNorm` and :mod:`torch_bn.batchnorm_act`."""
     training, momentum = module.training, module.momentum
-    running_mean, running_var, count = running_buffers(module)
+    table = module._buffers  # (as affine_parameters reads the parameters)
+    try:
+        running_mean, running_var, count = table["running_mean"], table["running_var"], table["num_batches_tracked"]
+    except KeyError:
+        running_mean, running_var, count = module.running_mean, module.running_var, module.num_batches_tracked
     # momentum=None means a cumulative moving average: factor 1/t at the t-th batch.
     factor = 0.0 if momentum is None else momentum
     if training and module.track_running_stats:
