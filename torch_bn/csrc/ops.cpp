@@ -28,6 +28,9 @@ namespace {
 
 using at::Tensor;
 
+// An optional tensor argument that is given: present and defined.
+bool given(const std::optional<Tensor>& v) { return v.has_value() && v->defined(); }
+
 void check_input(const char* op, const Tensor& x, const std::optional<Tensor>& weight,
                  const std::optional<Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 2, op, ": batch_norm expects input of shape (N, C) or (N, C, *), got ", x.dim(),
@@ -36,7 +39,7 @@ void check_input(const char* op, const Tensor& x, const std::optional<Tensor>& w
               x.scalar_type(), "; convert it first, e.g. input.float()");
   const int64_t c = x.size(1);
   for (const auto* v : {&weight, &bias}) {
-    TORCH_CHECK(!v->has_value() || !(*v)->defined() || (*v)->numel() == c, op, ": a per-channel tensor has ",
+    TORCH_CHECK(!given(*v) || (*v)->numel() == c, op, ": a per-channel tensor has ",
                 (*v)->numel(), " elements but the input has ", c, " channels (dim 1) in shape ", x.sizes());
   }
   const int64_t m = c == 0 ? x.size(0) : x.numel() / c;
@@ -50,7 +53,7 @@ void check_cpu(const char* op, const Tensor& x) {
 
 // A (C,) vector as the kernels take it: contiguous, in the op-math dtype; undefined when absent.
 Tensor channel_vector(const std::optional<Tensor>& v, at::ScalarType dtype) {
-  return v.has_value() && v->defined() ? v->to(dtype).contiguous() : Tensor();
+  return given(v) ? v->to(dtype).contiguous() : Tensor();
 }
 
 // running = lerp(running, factor * batch, momentum), computed as ATen's lerp_ computes it (in the
@@ -74,14 +77,12 @@ void update_running(Tensor& running, const Tensor& batch, double factor, double 
   });
 }
 
-bool given(const std::optional<Tensor>& v) { return v.has_value() && v->defined(); }
-
 // The rest of torch_bn.functional.check_input's rules for a training-mode call, so that a call
 // these checks pass is one that check_input passes too (torch_bn.functional.batch_norm runs them
 // here, in C++, and check_input only to say what is wrong): eps positive; both running statistics
-// or neither; weight, bias and the running statistics in one dtype, the
-// input's or, for float16/bfloat16 input, float32 (PyTorch's rule); empty input refused (the
-// Python paths give it an empty output). (Running statistics that require grad are refused in
+// or neither; weight, bias and the running statistics in one dtype, the input's or, for
+// float16/bfloat16 input, float32 (PyTorch's rule); empty input refused (the Python paths give it
+// an empty output). (Running statistics that require grad are refused in
 // grad mode only, which is not known here: batch_norm checks that in Python.)
 void check_training_arguments(const char* op, const Tensor& x, const std::optional<Tensor>& weight,
                               const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
@@ -114,22 +115,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const st
   check_cpu(op, x);
   check_input(op, x, weight, bias);
   for (const auto* v : {&running_mean, &running_var}) {
-    TORCH_CHECK(!v->has_value() || !(*v)->defined() || (*v)->numel() == x.size(1), op, ": a running statistic has ",
+    TORCH_CHECK(!given(*v) || (*v)->numel() == x.size(1), op, ": a running statistic has ",
                 (*v)->numel(), " elements but the input has ", x.size(1), " channels (dim 1)");
   }
   check_training_arguments(op, x, weight, bias, running_mean, running_var, eps);
-  const bool count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const bool count = given(num_batches_tracked);
   TORCH_CHECK(!count || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()), op,
               ": num_batches_tracked must be a one-element CPU counter, got ", num_batches_tracked->sizes(), " on ",
               num_batches_tracked->device());
   const auto acc = at::toOpMathType(x.scalar_type());
   auto result = forward_kernel(x, channel_vector(weight, acc), channel_vector(bias, acc), eps);
   const Tensor &mean = std::get<1>(result), &var = std::get<2>(result);
-  if (running_mean.has_value() && running_mean->defined()) {
+  if (given(running_mean)) {
     Tensor rm = *running_mean;
     update_running(rm, mean, 1.0, momentum);
   }
-  if (running_var.has_value() && running_var->defined()) {
+  if (given(running_var)) {
     Tensor rv = *running_var;
     const double m = static_cast<double>(x.numel() / x.size(1));
     update_running(rv, var, m / (m - 1), momentum);
