@@ -34,8 +34,8 @@ from types import SimpleNamespace
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "ops.cpp", CSRC / "kernels.cpp"]
-HEADERS = [CSRC / "kernels.h"]
+SOURCES = [CSRC / "ops.cpp", CSRC / "kernels.cpp", CSRC / "outputs.cpp"]
+HEADERS = [CSRC / "kernels.h", CSRC / "outputs.h"]
 # TORCH_BN_CPP=0 in the environment (or ENABLED = False) never builds or uses the compiled ops.
 ENABLED = os.environ.get("TORCH_BN_CPP", "1") != "0"
 BUILD_SECONDS = "about a minute"  # what the start-of-build line promises (2 cores, both sources)
@@ -233,3 +233,33 @@ def op() -> SimpleNamespace | None:
                 f"TORCH_BN_CPP=0 to skip the build", RuntimeWarning, stacklevel=2)
             _ops = False
     return _ops or None
+
+
+def output_cache_info() -> dict[str, int]:
+    """The compiled kernels' cache of large output buffers (``csrc/outputs.cpp``): outputs (y, dx)
+    of 4 MiB and more take memory that earlier outputs freed, already mapped, instead of fresh
+    memory whose every page faults in on first write. Returns ``cached_bytes`` (held in free
+    buffers), ``limit_bytes`` (the most it holds; 1 GiB unless set), ``hits`` and ``misses``
+    (outputs served from a held buffer, from new memory); zeros where the op is not available."""
+    ops = op()
+    values = torch.ops.torch_bn_cpp.output_cache_info() if ops is not None else [0, 0, 0, 0]
+    return dict(zip(("cached_bytes", "limit_bytes", "hits", "misses"), values))
+
+
+def set_output_cache_limit(nbytes: int) -> int:
+    """Let the output cache hold at most ``nbytes`` of free buffers (0: none, each freed output
+    goes back to the system at once), freeing held buffers down to it; returns the bytes freed.
+    The limit is the process's (every thread's) and lasts until set again."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_output_cache_limit takes a number of bytes >= 0, got {nbytes!r}")
+    ops = op()
+    return torch.ops.torch_bn_cpp.set_output_cache_limit(nbytes) if ops is not None else 0
+
+
+def empty_output_cache() -> int:
+    """Give every held output buffer back to the system (as ``torch.cuda.empty_cache`` does for
+    CUDA's cache), keeping the limit; returns the bytes freed."""
+    limit = output_cache_info()["limit_bytes"]
+    freed = set_output_cache_limit(0)
+    set_output_cache_limit(limit)
+    return freed

@@ -36,6 +36,7 @@
 // merged afterwards, then a second parallel sweep writes y (or dx).
 
 #include "kernels.h"
+#include "outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,10 +50,6 @@
 #include <limits>
 #include <utility>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace torch_bn_cpp {
 namespace {
@@ -795,31 +792,6 @@ void forward_into(const Tensor& x, const Geometry& whole, const Tensor& w, const
       }
     }
   });
-}
-
-// Outputs from this size up are backed by transparent huge pages where Linux allows them.
-constexpr size_t kHugePage = size_t(1) << 21;
-constexpr size_t kHugeOutputBytes = 2 * kHugePage;
-
-// An uninitialized output like x in `format` (y, dx). A fresh large buffer is fresh memory: the
-// first write to each 4 KiB page faults into the kernel, which at 16 MiB and more took most of a
-// forward's time, native's and ours alike (64 MiB: 47 ms to fill fresh, 9 ms to fill again).
-// madvise(MADV_HUGEPAGE) on its 2 MiB-aligned interior before the first write lets those faults
-// map 2 MiB at a time, as PyTorch's own allocator does under THP_MEM_ALLOC_ENABLE=1. It is advice:
-// where transparent huge pages are off ("never") or unavailable, nothing changes, and a failure is
-// ignored; the values written are the same either way.
-Tensor empty_output(const Tensor& x, at::MemoryFormat format) {
-  Tensor out = at::empty_like(x, format);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t nbytes = out.nbytes();
-  if (nbytes >= kHugeOutputBytes) {
-    const auto start = reinterpret_cast<std::uintptr_t>(out.data_ptr());
-    const std::uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
-    const std::uintptr_t last = (start + nbytes) & ~(kHugePage - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
 }
 
 // x as the kernels read it (contiguous, or channels-last read in place), its geometry, and weight

@@ -14,6 +14,7 @@
 // torch_bn/cpp.py with torch.library.register_fake: they handle symbolic shapes there.
 
 #include "kernels.h"
+#include "outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace torch_bn_cpp {
 namespace {
@@ -222,6 +224,11 @@ std::tuple<Tensor, Tensor, Tensor> ghost_backward_cpu(const Tensor& dy, const Te
   return {need_dx ? dx : at::empty({0}, x.options()), dweight, dbias};
 }
 
+std::vector<int64_t> output_cache_info_op() {
+  const OutputCacheInfo info = output_cache_info();
+  return {info.cached_bytes, info.limit_bytes, info.hits, info.misses};
+}
+
 }  // namespace
 }  // namespace torch_bn_cpp
 
@@ -242,6 +249,10 @@ TORCH_LIBRARY(torch_bn_cpp, m) {
   // dx (empty when not need_dx), dweight, dbias (C,) summed over the ghost batches.
   m.def("ghost_batch_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
         "int virtual_batch_size, bool need_dx) -> (Tensor, Tensor, Tensor)");
+  // The large outputs' cache (outputs.cpp): [bytes held, limit, hits, misses]; and setting its
+  // limit in bytes, which frees held buffers down to it and returns the bytes freed.
+  m.def("output_cache_info() -> int[]", &torch_bn_cpp::output_cache_info_op);
+  m.def("set_output_cache_limit(int bytes) -> int", &torch_bn_cpp::set_output_cache_limit);
 }
 
 TORCH_LIBRARY_IMPL(torch_bn_cpp, CPU, m) {
