@@ -193,10 +193,12 @@ class OutputCache final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor empty_output(const at::Tensor& x, at::MemoryFormat format) {
-  if (static_cast<int64_t>(x.nbytes()) < kCachedOutputBytes) return at::empty_like(x, format);
-  return at::Tensor(at::detail::empty_generic(x.sizes(), &OutputCache::instance(),
-                                              c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(), format));
+at::TensorBase empty_output(const at::TensorBase& x, at::MemoryFormat format) {
+  if (static_cast<int64_t>(x.nbytes()) < kCachedOutputBytes) {
+    return at::detail::empty_cpu(x.sizes(), x.scalar_type(), /*pin_memory=*/false, format);
+  }
+  return at::detail::empty_generic(x.sizes(), &OutputCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   x.scalar_type(), format);
 }
 
 OutputCacheInfo output_cache_info() { return OutputCache::instance().info(); }

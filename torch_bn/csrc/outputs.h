@@ -3,7 +3,7 @@
 // not first fault every page of it in from the kernel (see outputs.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/TensorBase.h>
 
 #include <cstdint>
 
@@ -12,7 +12,7 @@ namespace torch_bn_cpp {
 // An uninitialized tensor with x's sizes, dtype and device in `format` (contiguous or channels
 // last). From kCachedOutputBytes up its memory is a cached, huge-page-backed buffer; below, it is
 // PyTorch's own CPU allocation.
-at::Tensor empty_output(const at::Tensor& x, at::MemoryFormat format);
+at::TensorBase empty_output(const at::TensorBase& x, at::MemoryFormat format);
 
 // Outputs from this size up come from the cache: 4 MiB, where a fresh buffer's page faults
 // start to cost a visible part of a call.
