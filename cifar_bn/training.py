@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import torch_bn
+
 from . import distributed
 from .config import TrainConfig
 from .dashboard import LayerProbe
@@ -67,6 +69,10 @@ class Trainer(Lifecycle):
                          resume=resume, log_every=log_every, is_main=self.dist.is_main)
         self.run_dir = run_dir
         self.model = model.to(self.device)
+        if self.device == "cpu" and any(type(m).__module__.startswith("torch_bn.") for m in self.model.modules()):
+            # torch_bn's layers train on its compiled CPU op: load it (or, the first time on a
+            # machine, build it) now, so that its build is not counted as training time.
+            torch_bn.cpp.op()
         self.train_model = self.dist.wrap(self.model, config.sync_bn, config.norm)  # DDP under torchrun
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_decay)

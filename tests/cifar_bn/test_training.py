@@ -135,6 +135,18 @@ def small_config(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("norm, loads", [("torch_bn", True), ("ghost", True), ("nn", False), ("none", False)])
+def test_the_compiled_op_is_loaded_before_training_time_counts(tiny_cifar, tmp_path, monkeypatch, norm, loads):
+    """A model with torch_bn layers on CPU gets the compiled op (its one-time build, on a machine
+    that has none) when the Trainer is made, not in its first step, which the wall time counts."""
+    calls = []
+    real = torch_bn.cpp.op
+    monkeypatch.setattr(torch_bn.cpp, "op", lambda: calls.append(1) or real())
+    config = small_config(norm=norm, epochs=1, virtual_batch_size=5 if norm == "ghost" else None)
+    trainer = Trainer(config, build_model(config, 3072), tiny_data(tiny_cifar), str(tmp_path / norm), progress=False)
+    assert bool(calls) == loads and trainer.wall_time == 0.0
+
+
 def test_trainer_trains_the_model_it_is_given(tiny_cifar, tmp_path):
     """Any classifier of the images: here a small conv net with torch_bn.BatchNorm2d."""
     data = tiny_data(tiny_cifar)
