@@ -4,8 +4,9 @@ use (or ahead of time by ``python -m torch_bn.build``), or done without.
 
 ``csrc/`` holds the C++ bodies of :class:`torch_bn.function.BatchNormFunction` (and of
 :class:`torch_bn.ghost.GhostBatchNormFunction`) on CPU: ``ops.cpp``
-(the torch.library schemas, input checks, CPU and Meta implementations) and ``kernels.cpp`` (the
-loops, behind ``kernels.h``). There is no C++ autograd node: the Python Function calls the forward
+(the torch.library schemas, input checks, CPU and Meta implementations), ``kernels.cpp`` (the
+loops, behind ``kernels.h``) and ``outputs.cpp`` (the memory of large outputs: a cache of freed
+buffers, see :func:`output_cache_info`). There is no C++ autograd node: the Python Function calls the forward
 op in its forward and the backward op in its backward. :func:`op` compiles the library with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute on two cores) the first
 time it is asked for, saying so on stderr, and returns the ops. The build is kept in torch's

@@ -1,7 +1,8 @@
 // torch_bn's compiled CPU ops, torch.ops.torch_bn_cpp.batch_norm_forward / batch_norm_backward
 // and ghost_batch_norm_forward / ghost_batch_norm_backward (ghost batch norm: each ghost batch of
 // samples with its own statistics): the schemas, the input checks, and the CPU implementations,
-// which call the loops of kernels.cpp (interface: kernels.h).
+// which call the loops of kernels.cpp (interface: kernels.h); and output_cache_info /
+// set_output_cache_limit, for the cache of large outputs' memory (outputs.cpp).
 //
 // There is no autograd node here: the ops are the bodies of torch_bn's Python autograd Function
 // (torch_bn/function.py, BatchNormFunction), which calls batch_norm_forward in its forward and
