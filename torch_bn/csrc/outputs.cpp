@@ -2,9 +2,10 @@
 //
 // A fresh large buffer is fresh memory: glibc maps every allocation of more than 32 MiB (and
 // smaller ones once its heap is trimmed) straight from the kernel and unmaps it on free, so the
-// first write to each page faults into the kernel, which zeroes the page before the kernel
-// writes it again. At 64 MiB that is a third of a forward+backward's time, paid again every
-// training step, since every step frees and allocates the same outputs. PyTorch's CPU allocator
+// first write to each page faults into the operating system, which zeroes the page before these
+// kernels write it. From 64 MiB that was a fifth to a quarter of a forward+backward's time
+// (bench/RESULTS.md), paid again every training step, since every step frees and allocates the
+// same outputs. PyTorch's CPU allocator
 // does the same (its own native batch norm pays it too); the CUDA caching allocator is the usual
 // remedy on GPUs, and this is a small one of the same kind for the outputs of these kernels only:
 //
