@@ -260,7 +260,4 @@ def set_output_cache_limit(nbytes: int) -> int:
 def empty_output_cache() -> int:
     """Give every held output buffer back to the system (as ``torch.cuda.empty_cache`` does for
     CUDA's cache), keeping the limit; returns the bytes freed."""
-    limit = output_cache_info()["limit_bytes"]
-    freed = set_output_cache_limit(0)
-    set_output_cache_limit(limit)
-    return freed
+    return torch.ops.torch_bn_cpp.empty_output_cache() if op() is not None else 0

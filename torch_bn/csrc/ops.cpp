@@ -2,7 +2,7 @@
 // and ghost_batch_norm_forward / ghost_batch_norm_backward (ghost batch norm: each ghost batch of
 // samples with its own statistics): the schemas, the input checks, and the CPU implementations,
 // which call the loops of kernels.cpp (interface: kernels.h); and output_cache_info /
-// set_output_cache_limit, for the cache of large outputs' memory (outputs.cpp).
+// set_output_cache_limit / empty_output_cache, for the cache of large outputs' memory (outputs.cpp).
 //
 // There is no autograd node here: the ops are the bodies of torch_bn's Python autograd Function
 // (torch_bn/function.py, BatchNormFunction), which calls batch_norm_forward in its forward and
@@ -254,6 +254,8 @@ TORCH_LIBRARY(torch_bn_cpp, m) {
   // limit in bytes, which frees held buffers down to it and returns the bytes freed.
   m.def("output_cache_info() -> int[]", &torch_bn_cpp::output_cache_info_op);
   m.def("set_output_cache_limit(int bytes) -> int", &torch_bn_cpp::set_output_cache_limit);
+  // Every held buffer back to the system, the limit kept; returns the bytes freed.
+  m.def("empty_output_cache() -> int", &torch_bn_cpp::empty_output_cache);
 }
 
 TORCH_LIBRARY_IMPL(torch_bn_cpp, CPU, m) {

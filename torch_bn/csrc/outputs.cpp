@@ -80,12 +80,24 @@ class OutputCache final : public c10::Allocator {
     return {cached_bytes_, limit_bytes_, hits_, misses_};
   }
 
+  // Sets the limit and gives held buffers back down to it; returns the bytes given back.
   int64_t set_limit(int64_t bytes) {
     std::vector<Buffer*> freed;
     {
       std::lock_guard<std::mutex> guard(lock_);
       limit_bytes_ = bytes;
-      evict_to_limit(freed);
+      evict_down_to(bytes, freed);
+    }
+    return free_all(freed);
+  }
+
+  // Gives held buffers back to the system, least recently freed first, until at most `keep`
+  // bytes are held; returns the bytes given back.
+  int64_t evict(int64_t keep) {
+    std::vector<Buffer*> freed;
+    {
+      std::lock_guard<std::mutex> guard(lock_);
+      evict_down_to(keep, freed);
     }
     return free_all(freed);
   }
@@ -118,13 +130,7 @@ class OutputCache final : public c10::Allocator {
   Buffer* fresh(size_t bytes, size_t requested) {
     void* ptr = std::aligned_alloc(kHugePage, bytes);
     if (ptr == nullptr) {
-      std::vector<Buffer*> freed;
-      {
-        std::lock_guard<std::mutex> guard(lock_);
-        freed.swap(held_);
-        cached_bytes_ = 0;
-      }
-      free_all(freed);
+      evict(0);
       ptr = std::aligned_alloc(kHugePage, bytes);
     }
     TORCH_CHECK_WITH(OutOfMemoryError, ptr != nullptr, "torch_bn: out of memory: could not allocate ", requested,
@@ -147,16 +153,16 @@ class OutputCache final : public c10::Allocator {
       cache.in_use_bytes_ -= static_cast<int64_t>(buffer->bytes);
       cache.held_.push_back(buffer);  // the most recently freed last
       cache.cached_bytes_ += static_cast<int64_t>(buffer->bytes);
-      cache.evict_to_limit(freed);
+      cache.evict_down_to(cache.limit_bytes_, freed);
     }
     free_all(freed);
   }
 
-  // Called with the lock held: moves the least recently freed buffers into `freed` until the
-  // held bytes are within the limit.
-  void evict_to_limit(std::vector<Buffer*>& freed) {
+  // Called with the lock held: moves the least recently freed buffers into `freed` until at
+  // most `keep` bytes are held.
+  void evict_down_to(int64_t keep, std::vector<Buffer*>& freed) {
     size_t first_kept = 0;
-    while (cached_bytes_ > limit_bytes_ && first_kept < held_.size()) {
+    while (cached_bytes_ > keep && first_kept < held_.size()) {
       cached_bytes_ -= static_cast<int64_t>(held_[first_kept]->bytes);
       freed.push_back(held_[first_kept++]);
     }
@@ -208,5 +214,7 @@ int64_t set_output_cache_limit(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "torch_bn: the output cache's limit is a number of bytes >= 0, got ", bytes);
   return OutputCache::instance().set_limit(bytes);
 }
+
+int64_t empty_output_cache() { return OutputCache::instance().evict(0); }
 
 }  // namespace torch_bn_cpp

@@ -29,4 +29,7 @@ OutputCacheInfo output_cache_info();
 // system) and frees held buffers down to it. Returns the bytes freed.
 int64_t set_output_cache_limit(int64_t bytes);
 
+// Gives every held buffer back to the system, keeping the limit. Returns the bytes freed.
+int64_t empty_output_cache();
+
 }  // namespace torch_bn_cpp
