@@ -39,7 +39,7 @@ SOURCES = [CSRC / "ops.cpp", CSRC / "kernels.cpp", CSRC / "outputs.cpp"]
 HEADERS = [CSRC / "kernels.h", CSRC / "outputs.h"]
 # TORCH_BN_CPP=0 in the environment (or ENABLED = False) never builds or uses the compiled ops.
 ENABLED = os.environ.get("TORCH_BN_CPP", "1") != "0"
-BUILD_SECONDS = "about a minute"  # what the start-of-build line promises (2 cores, both sources)
+BUILD_SECONDS = "about a minute"  # what the start-of-build line promises (2 cores, every source)
 
 _ops = None  # the ops once loaded, False where they cannot be
 

@@ -1,13 +1,13 @@
 // Large outputs (y, dx) from a cache of already-mapped buffers.
 //
 // A fresh large buffer is fresh memory: glibc maps every allocation of more than 32 MiB (and
-// smaller ones once its heap is trimmed) straight from the kernel and unmaps it on free, so the
-// first write to each page faults into the operating system, which zeroes the page before these
-// kernels write it. From 64 MiB that was a fifth to a quarter of a forward+backward's time
+// smaller ones once its heap is trimmed) straight from the operating system and unmaps it on
+// free, so the first write to each page faults into the operating system, which zeroes the page
+// before these kernels write it. From 64 MiB that was a fifth to a quarter of a forward+backward's time
 // (bench/RESULTS.md), paid again every training step, since every step frees and allocates the
-// same outputs. PyTorch's CPU allocator
-// does the same (its own native batch norm pays it too); the CUDA caching allocator is the usual
-// remedy on GPUs, and this is a small one of the same kind for the outputs of these kernels only:
+// same outputs. PyTorch's CPU allocator does the same (its own native batch norm pays it too);
+// the CUDA caching allocator is the usual remedy on GPUs, and this is a small one of the same
+// kind for the outputs of these kernels only:
 //
 // - an output of kCachedOutputBytes or more takes a held buffer of at least its size (and at
 //   most a quarter more) when one is free, else a new one: 2 MiB-aligned, its size rounded up to

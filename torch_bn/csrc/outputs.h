@@ -1,6 +1,6 @@
 // The compiled kernels' outputs (y, dx): where their memory comes from. Large outputs come from a
 // small cache of buffers that earlier outputs freed, already mapped, so that filling one does
-// not first fault every page of it in from the kernel (see outputs.cpp).
+// not first fault every page of it in from the operating system (see outputs.cpp).
 #pragma once
 
 #include <ATen/core/TensorBase.h>
