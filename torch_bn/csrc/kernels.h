@@ -3,7 +3,7 @@
 // (the op layer) and issue 18 (faster loops behind the same declarations).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 
