@@ -290,10 +290,77 @@ def test_opcheck(ops, case):
     dtypes and strides, and torch.compile's view of the ops. The ops have no autograd formula by
     design (BatchNormFunction is the node), so the inputs do not require grad."""
     forward_args, backward_args, backward_other = opcheck_inputs()[case]
-    torch.library.opcheck(ops.forward, forward_args)
+    torch.library.opcheck(ops.forward_op, forward_args)
     _, mean, _, rstd = ops.forward(*forward_args)
     for dy, x, w, need_dx in (backward_args, backward_other):
-        torch.library.opcheck(ops.backward, (dy, x, w, mean, rstd, need_dx))
+        torch.library.opcheck(ops.backward_op, (dy, x, w, mean, rstd, need_dx))
+
+
+def _clone_args(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("case", range(len(opcheck_inputs())))
+def test_bindings_compute_what_the_ops_compute(ops, case):
+    """ops.forward / ops.backward (the typed bindings torch_bn calls) against the torch.ops
+    overloads on copies of the same inputs: the same outputs bit for bit, the same running
+    statistics and batch counter afterwards, the same layout."""
+    forward_args, backward_args, _ = opcheck_inputs()[case]
+    via_binding, via_op = _clone_args(forward_args), _clone_args(forward_args)
+    got, want = ops.forward(*via_binding), ops.forward_op(*via_op)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w) and g.stride() == w.stride()
+    for g, w in zip(via_binding, via_op):  # running_mean, running_var, num_batches_tracked
+        assert not isinstance(g, torch.Tensor) or torch.equal(g, w)
+    _, mean, _, rstd = want
+    dy, x, w, need_dx = backward_args
+    for g, w_ in zip(ops.backward(dy, x, w, mean, rstd, need_dx), ops.backward_op(dy, x, w, mean, rstd, need_dx)):
+        assert torch.equal(g, w_)
+
+
+def test_ghost_bindings_compute_what_the_ops_compute(ops):
+    x, w, b, dy = inputs((10, 3, 4), torch.float32)
+    got, want = ops.ghost_forward(x, w, b, 4, 1e-5), ops.ghost_forward_op(x, w, b, 4, 1e-5)
+    assert all(torch.equal(g, v) for g, v in zip(got, want))
+    _, mean, _, rstd = want
+    got = ops.ghost_backward(dy, x, w, mean, rstd, 4, True)
+    assert all(torch.equal(g, v) for g, v in zip(got, ops.ghost_backward_op(dy, x, w, mean, rstd, 4, True)))
+
+
+def test_bindings_go_through_the_dispatcher(ops):
+    """The bindings call the ops through the dispatcher, as torch.ops does: a Python dispatch mode
+    sees them, the profiler records them by name in a training step, and a refused input raises
+    the op's RuntimeError with the op's message."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, _, dy = inputs((6, 3), torch.float32)
+    with Seen() as seen:
+        _, mean, _, rstd = ops.forward(x, w, None, None, None, None, 0.1, 1e-5)
+        ops.backward(dy, x, w, mean, rstd, True)
+    assert seen.names == ["torch_bn_cpp.batch_norm_forward.default", "torch_bn_cpp.batch_norm_backward.default"]
+
+    layer = torch_bn.BatchNorm1d(3)
+    with torch_bn.use_path("cpp"), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x.requires_grad_()).backward(dy)
+    names = {e.key for e in prof.key_averages()}
+    assert {"torch_bn_cpp::batch_norm_forward", "torch_bn_cpp::batch_norm_backward"} <= names
+
+    one = torch.randn(1, 3)
+    messages = []
+    for f in (ops.forward, ops.forward_op):
+        with pytest.raises(RuntimeError, match="Expected more than 1 value per channel") as info:
+            f(one, None, None, None, None, None, 0.1, 1e-5)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
 
 
 def test_backward_without_dx_returns_an_empty_tensor(ops):

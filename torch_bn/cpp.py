@@ -3,17 +3,19 @@ ghost batch norm's ``ghost_batch_norm_forward`` / ``ghost_batch_norm_backward``)
 use (or ahead of time by ``python -m torch_bn.build``), or done without.
 
 ``csrc/`` holds the C++ bodies of :class:`torch_bn.function.BatchNormFunction` (and of
-:class:`torch_bn.ghost.GhostBatchNormFunction`) on CPU: ``ops.cpp``
-(the torch.library schemas, input checks, CPU and Meta implementations), ``kernels.cpp`` (the
-loops, behind ``kernels.h``) and ``outputs.cpp`` (the memory of large outputs: a cache of freed
-buffers, see :func:`output_cache_info`). There is no C++ autograd node: the Python Function calls the forward
-op in its forward and the backward op in its backward. :func:`op` compiles the library with
-``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a minute on two cores) the first
-time it is asked for, saying so on stderr, and returns the ops. The build is kept in torch's
-extensions folder (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions) under torch_bn/,
-named by a hash of the sources, the flags and the torch and Python versions, so later processes
-load it directly. Processes that start at once with an empty cache (torchrun ranks, parallel test
-workers) take an OS file lock in that folder: one builds, the others wait and load its result.
+:class:`torch_bn.ghost.GhostBatchNormFunction`) on CPU: ``ops.cpp`` (the torch.library schemas,
+input checks and CPU implementations; the fake ones are registered here), ``kernels.cpp`` (the
+loops, behind ``kernels.h``), ``outputs.cpp`` (the memory of large outputs: a cache of freed
+buffers, see :func:`output_cache_info`) and ``bindings.cpp`` (typed Python bindings that call the
+ops through the dispatcher without torch.ops' argument boxing, see :func:`op`). There is no C++
+autograd node: the Python Function calls the forward op in its forward and the backward op in its
+backward. :func:`op` compiles the library with ``torch.utils.cpp_extension`` (a C++ compiler and
+ninja; about a minute on two cores) the first time it is asked for, saying so on stderr, and
+returns the ops. The build is kept in torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default
+~/.cache/torch_extensions) under torch_bn/, named by a hash of the sources, the flags and the
+torch and Python versions, so later processes load it directly. Processes that start at once with
+an empty cache (torchrun ranks, parallel test workers) take an OS file lock in that folder: one
+builds, the others wait and load its result.
 Where the library cannot be built (no compiler, no ninja) :func:`op` warns once and returns None,
 and torch_bn runs the same math through its Python paths; ``TORCH_BN_CPP=0`` switches the ops off
 without trying.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -35,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "ops.cpp", CSRC / "kernels.cpp", CSRC / "outputs.cpp"]
+SOURCES = [CSRC / "ops.cpp", CSRC / "kernels.cpp", CSRC / "outputs.cpp", CSRC / "bindings.cpp"]
 HEADERS = [CSRC / "kernels.h", CSRC / "outputs.h"]
 # TORCH_BN_CPP=0 in the environment (or ENABLED = False) never builds or uses the compiled ops.
 ENABLED = os.environ.get("TORCH_BN_CPP", "1") != "0"
@@ -157,8 +160,11 @@ def _ghost_backward_fake(dy, x, weight, mean, rstd, virtual_batch_size, need_dx)
 _fakes_registered = False
 
 
-def _loaded() -> SimpleNamespace:
-    """The loaded ops, with their fake implementations registered (once per process)."""
+def _loaded(library: Path) -> SimpleNamespace:
+    """The loaded ops, with their fake implementations registered (once per process): ``forward``,
+    ``backward``, ``ghost_forward``, ``ghost_backward`` are the typed bindings (csrc/bindings.cpp)
+    torch_bn calls, and ``forward_op`` ... ``ghost_backward_op`` the same ops as torch.ops
+    overloads, for torch.library's tools (opcheck, fake tensors)."""
     global _fakes_registered
     if not _fakes_registered:
         torch.library.register_fake("torch_bn_cpp::batch_norm_forward")(_forward_fake)
@@ -166,10 +172,17 @@ def _loaded() -> SimpleNamespace:
         torch.library.register_fake("torch_bn_cpp::ghost_batch_norm_forward")(_ghost_forward_fake)
         torch.library.register_fake("torch_bn_cpp::ghost_batch_norm_backward")(_ghost_backward_fake)
         _fakes_registered = True
+    # The same library is a Python module too (PYBIND11_MODULE, named as the extension).
+    spec = importlib.util.spec_from_file_location(library.stem, library)
+    bindings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bindings)
     ns = torch.ops.torch_bn_cpp
-    return SimpleNamespace(forward=ns.batch_norm_forward.default, backward=ns.batch_norm_backward.default,
-                           ghost_forward=ns.ghost_batch_norm_forward.default,
-                           ghost_backward=ns.ghost_batch_norm_backward.default)
+    return SimpleNamespace(forward=bindings.batch_norm_forward, backward=bindings.batch_norm_backward,
+                           ghost_forward=bindings.ghost_batch_norm_forward,
+                           ghost_backward=bindings.ghost_batch_norm_backward,
+                           forward_op=ns.batch_norm_forward.default, backward_op=ns.batch_norm_backward.default,
+                           ghost_forward_op=ns.ghost_batch_norm_forward.default,
+                           ghost_backward_op=ns.ghost_batch_norm_backward.default)
 
 
 def build() -> tuple[SimpleNamespace, Path, float | None]:
@@ -187,7 +200,7 @@ def build() -> tuple[SimpleNamespace, Path, float | None]:
             # compiler probe, about 0.1 s, which would land in the first training step).
             try:
                 torch.ops.load_library(str(library))
-                return _loaded(), library, None
+                return _loaded(library), library, None
             except OSError:  # e.g. a build killed while linking: build it again
                 library.unlink()
         _say(f"building the compiled CPU op (torch_bn/csrc, once per version, {BUILD_SECONDS}) in {folder}; "
@@ -212,14 +225,16 @@ def build() -> tuple[SimpleNamespace, Path, float | None]:
             raise
         seconds = time.perf_counter() - start
         _say(f"built the compiled CPU op in {seconds:.0f} s: {library}")
-        return _loaded(), library, seconds
+        return _loaded(library), library, seconds
 
 
 def op() -> SimpleNamespace | None:
-    """The compiled ops, as ``.forward`` (``torch.ops.torch_bn_cpp.batch_norm_forward.default``),
-    ``.backward``, ``.ghost_forward`` and ``.ghost_backward``, built on first call; None where they
-    are switched off (``ENABLED``) or cannot be built (then one RuntimeWarning says why and what
-    to do)."""
+    """The compiled ops, built on first call: ``.forward``, ``.backward``, ``.ghost_forward`` and
+    ``.ghost_backward`` (torch_bn_cpp::batch_norm_forward ... through typed bindings, which call
+    the dispatcher as torch.ops does, a few microseconds a call sooner) and the same four as
+    torch.ops overloads, ``.forward_op`` (``torch.ops.torch_bn_cpp.batch_norm_forward.default``)
+    and so on; None where they are switched off (``ENABLED``) or cannot be built (then one
+    RuntimeWarning says why and what to do)."""
     global _ops
     if not ENABLED:
         return None
