@@ -26,6 +26,7 @@ EPS = 1e-5
 CASES = [
     ((50, 100), "contiguous"), ((50, 50), "contiguous"), ((2, 1), "contiguous"), ((1000, 3), "contiguous"),
     ((70, 17), "contiguous"), ((33, 1030), "contiguous"), ((600, 130), "strided"),
+    ((40, 48), "contiguous"), ((9, 1041), "contiguous"),  # rows of full packs only; a second tile of both
     ((4, 3, 5), "contiguous"), ((3, 2, 2100), "contiguous"), ((2, 3, 4100), "contiguous"), ((300, 2, 3), "contiguous"),
     ((4, 6, 5, 3), "contiguous"), ((2, 16, 8, 8), "contiguous"), ((4, 6, 5, 3), "channels_last"),
     ((8, 40, 6, 6), "channels_last"), ((2, 3, 4, 5, 6), "contiguous"), ((2, 3, 4, 5, 6), "channels_last"),

@@ -49,6 +49,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -106,6 +107,11 @@ struct Pack {
   // (the planes: one channel per run). Here the memory order.
   static inline void load_any(const scalar_t* p, V& a, V& b) { load(p, a, b); }
   static inline void store_any(scalar_t* p, const V& a, const V& b) { store(p, a, b); }
+  // Whether load_any's lanes are in memory order; to_lanes reorders a full pack read with load
+  // (memory order) into load_any's order, to_memory back.
+  static constexpr bool kMemoryOrder = true;
+  static inline void to_lanes(V&, V&) {}
+  static inline void to_memory(V&, V&) {}
 };
 
 // float16 / bfloat16: one vector of 16-bit values is two vectors of float.
@@ -149,6 +155,14 @@ struct Pack<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scal
       store(p, a, b);
     }
   }
+  static constexpr bool kMemoryOrder = !std::is_same_v<scalar_t, c10::BFloat16>;
+  // bfloat16: the even-position values to a, the odd ones to b (and back).
+  static inline void to_lanes(V& a, V& b) {
+    if constexpr (!kMemoryOrder) std::tie(a, b) = at::vec::deinterleave2(a, b);
+  }
+  static inline void to_memory(V& a, V& b) {
+    if constexpr (!kMemoryOrder) std::tie(a, b) = at::vec::interleave2(a, b);
+  }
 
  private:
   using I = Vectorized<int32_t>;
@@ -161,6 +175,45 @@ struct Pack<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scal
     return I::blendv(r, I(-1), at::vec::cast<int32_t>(v.isnan()));
   }
 };
+
+// The pack of n values at p as the rows loops read it: a full pack (n >= kSize) in load_any's lane
+// order, a partial one in memory order (as load reads it). Each lane of a rows pack is a column,
+// so the per-column values beside it (centres, means, coefficients) are read in the same order
+// (in_lane_order) and the per-lane sums put back in memory order (to_memory) before they land in
+// per-column arrays. For bfloat16 this spares every full pack convert_to_float's and
+// convert_from_float's lane permutations: the rows loops, compute-bound on them, take 0.6-0.9x the
+// time they took (bench/RESULTS.md). The loops run their full packs apart from the last, partial
+// pack of a row, so that the full packs' loop has no branch on the count.
+template <typename scalar_t, typename V>
+inline void load_pack(const scalar_t* p, V& a, V& b, int64_t n) {
+  using P = Pack<scalar_t>;
+  if (n >= P::kSize) {
+    P::load_any(p, a, b);
+  } else {
+    P::load(p, a, b, n);
+  }
+}
+
+// Per-column values v[0, C) in the order load_pack gives a row's lanes: each full pack of
+// columns reordered as load_any orders it, a last partial pack as is. v itself where load_any
+// reads memory order, else order's buffer, filled.
+template <typename scalar_t, typename T>
+const T* in_lane_order(const T* v, int64_t C, std::vector<T>& order) {
+  using P = Pack<scalar_t>;
+  if constexpr (P::kMemoryOrder) {
+    return v;
+  } else {
+    using V = typename P::V;
+    order.assign(v, v + C);
+    for (int64_t j = 0; j + P::kSize <= C; j += P::kSize) {
+      V a = V::loadu(v + j), b = V::loadu(v + j + V::size());
+      P::to_lanes(a, b);
+      a.store(order.data() + j);
+      b.store(order.data() + j + V::size());
+    }
+    return order.data();
+  }
+}
 
 // v with lanes [n, size) set to zero.
 template <typename V>
@@ -268,18 +321,25 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
     const Moments::Factors factors(static_cast<double>(i0 - r0), static_cast<double>(nb));
     for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
       const int64_t wt = std::min(kTileCols, C - j0);
-      const int64_t nq = (wt + P::kSize - 1) / P::kSize;
+      // Packs of the tile: full ones (in load_any's lane order) and a last partial one (memory order).
+      const int64_t nq = (wt + P::kSize - 1) / P::kSize, full = wt / P::kSize;
       if (first_tile) {
         // Pass 1, row by row: the tile's column sums; pass 2, one vector of columns at a time
         // from cache: the deviations from the tile's mean.
         for (int64_t q = 0; q < nq; ++q) s1a[q] = s1b[q] = V(opmath_t(0));
         for (int64_t i = i0; i < i0 + nb; ++i) {
           const scalar_t* xr = x + i * C + j0;
-          for (int64_t q = 0; q < nq; ++q) {
+          for (int64_t q = 0; q < full; ++q) {
             V a, b;
-            P::load(xr + q * P::kSize, a, b, wt - q * P::kSize);
+            P::load_any(xr + q * P::kSize, a, b);
             s1a[q] += a;
             s1b[q] += b;
+          }
+          if (full < nq) {
+            V a, b;
+            P::load(xr + full * P::kSize, a, b, wt - full * P::kSize);
+            s1a[full] += a;
+            s1b[full] += b;
           }
         }
         for (int64_t q = 0; q < nq; ++q) {
@@ -289,7 +349,7 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
           V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
           for (int64_t i = i0; i < i0 + nb; ++i) {
             V a, b;
-            P::load(xc + i * C, a, b, cnt);
+            load_pack(xc + i * C, a, b, cnt);
             a = a - mean_a;
             b = b - mean_b;
             t1a += a;
@@ -308,24 +368,37 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
           for (int64_t k = cnt; k < P::kSize; ++k) c_buf[k] = opmath_t(0);
           ca[q] = V::loadu(c_buf);
           cb[q] = V::loadu(c_buf + h);
+          if (cnt == P::kSize) P::to_lanes(ca[q], cb[q]);
           s1a[q] = s1b[q] = s2a[q] = s2b[q] = V(opmath_t(0));
         }
+        auto add = [&](int64_t q, V a, V b) {
+          a = a - ca[q];
+          b = b - cb[q];
+          s1a[q] += a;
+          s1b[q] += b;
+          s2a[q] = at::vec::fmadd(a, a, s2a[q]);
+          s2b[q] = at::vec::fmadd(b, b, s2b[q]);
+        };
         for (int64_t i = i0; i < i0 + nb; ++i) {
           const scalar_t* xr = x + i * C + j0;
-          for (int64_t q = 0; q < nq; ++q) {
-            V a, b;
-            P::load(xr + q * P::kSize, a, b, wt - q * P::kSize);
-            a = a - ca[q];
-            b = b - cb[q];
-            s1a[q] += a;
-            s1b[q] += b;
-            s2a[q] = at::vec::fmadd(a, a, s2a[q]);
-            s2b[q] = at::vec::fmadd(b, b, s2b[q]);
+          V a, b;
+          for (int64_t q = 0; q < full; ++q) {
+            P::load_any(xr + q * P::kSize, a, b);
+            add(q, a, b);
+          }
+          if (full < nq) {
+            P::load(xr + full * P::kSize, a, b, wt - full * P::kSize);
+            add(full, a, b);
           }
         }
       }
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
+        if (cnt == P::kSize) {  // back to memory order: lane k is column k
+          P::to_memory(ca[q], cb[q]);
+          P::to_memory(s1a[q], s1b[q]);
+          P::to_memory(s2a[q], s2b[q]);
+        }
         ca[q].store(c_buf);
         cb[q].store(c_buf + h);
         s1a[q].store(s1_buf);
@@ -345,53 +418,68 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
 
 // y[i, j] = (x[i, j] - mean[j]) * scale[j] + shift[j] over rows [r0, r1); with kWithU,
 // y = alpha[j] * u[i, j] + ... (the backward's dx, u = dy, scale = b, shift = c); without
-// kCentred, y = x[i, j] * scale[j] + shift[j] (mean unused).
+// kCentred, y = x[i, j] * scale[j] + shift[j] (mean unused). alpha, mean, scale and shift in
+// in_lane_order.
 template <bool kWithU, typename scalar_t, typename opmath_t, bool kCentred = true>
 void rows_affine(const scalar_t* u, const scalar_t* x, int64_t C, int64_t r0, int64_t r1, const opmath_t* alpha,
                  const opmath_t* mean, const opmath_t* scale, const opmath_t* shift, scalar_t* out) {
   using P = Pack<scalar_t>;
   using V = typename P::V;
   constexpr int64_t h = V::size();
-  for (int64_t i = r0; i < r1; ++i) {
-    const scalar_t* xr = x + i * C;
-    scalar_t* outr = out + i * C;
-    for (int64_t j = 0; j < C; j += P::kSize) {
-      const int64_t cnt = std::min(P::kSize, C - j);
-      const int64_t na = std::min(cnt, h), nb = std::max<int64_t>(cnt - h, 0);
-      // Coefficients v[j, j + cnt) as two vectors (zeros past cnt; those lanes are never stored).
-      auto coefficients = [&](const opmath_t* v, V& lo, V& hi) {
-        if (cnt == P::kSize) {
-          lo = V::loadu(v + j);
-          hi = V::loadu(v + j + h);
-        } else {
-          lo = V::loadu(v + j, na);
-          hi = nb > 0 ? V::loadu(v + j + h, nb) : V(opmath_t(0));
-        }
-      };
-      V a, b, sa, sb, ta, tb;
-      P::load(xr + j, a, b, cnt);
-      if constexpr (kCentred) {
-        V ma, mb;
-        coefficients(mean, ma, mb);
-        a = a - ma;
-        b = b - mb;
+  // Columns [j, j + cnt) of row i: a full pack (kFull, cnt = kSize) in load_any's lane order, the
+  // last partial one in memory order, with coefficients zero past cnt (lanes never stored). The
+  // full packs run in a loop of their own, without the partial pack's branches.
+  auto pack = [&](auto full, int64_t i, int64_t j, int64_t cnt) {
+    constexpr bool kFull = decltype(full)::value;
+    auto coefficients = [&](const opmath_t* v, V& lo, V& hi) {
+      if constexpr (kFull) {
+        lo = V::loadu(v + j);
+        hi = V::loadu(v + j + h);
+      } else {
+        lo = V::loadu(v + j, std::min(cnt, h));
+        hi = cnt > h ? V::loadu(v + j + h, cnt - h) : V(opmath_t(0));
       }
-      coefficients(scale, sa, sb);
-      coefficients(shift, ta, tb);
-      V ya = at::vec::fmadd(a, sa, ta), yb = at::vec::fmadd(b, sb, tb);
-      if constexpr (kWithU) {
-        V ua, ub, aa, ab;
-        P::load(u + i * C + j, ua, ub, cnt);
-        coefficients(alpha, aa, ab);
-        ya = at::vec::fmadd(aa, ua, ya);
-        yb = at::vec::fmadd(ab, ub, yb);
+    };
+    auto load = [&](const scalar_t* p, V& lo, V& hi) {
+      if constexpr (kFull) {
+        P::load_any(p, lo, hi);
+      } else {
+        P::load(p, lo, hi, cnt);
       }
-      P::store(outr + j, ya, yb, cnt);
+    };
+    V a, b, sa, sb, ta, tb;
+    load(x + i * C + j, a, b);
+    if constexpr (kCentred) {
+      V ma, mb;
+      coefficients(mean, ma, mb);
+      a = a - ma;
+      b = b - mb;
     }
+    coefficients(scale, sa, sb);
+    coefficients(shift, ta, tb);
+    V ya = at::vec::fmadd(a, sa, ta), yb = at::vec::fmadd(b, sb, tb);
+    if constexpr (kWithU) {
+      V ua, ub, aa, ab;
+      load(u + i * C + j, ua, ub);
+      coefficients(alpha, aa, ab);
+      ya = at::vec::fmadd(aa, ua, ya);
+      yb = at::vec::fmadd(ab, ub, yb);
+    }
+    if constexpr (kFull) {
+      P::store_any(out + i * C + j, ya, yb);
+    } else {
+      P::store(out + i * C + j, ya, yb, cnt);
+    }
+  };
+  for (int64_t i = r0; i < r1; ++i) {
+    int64_t j = 0;
+    for (; j + P::kSize <= C; j += P::kSize) pack(std::true_type{}, i, j, P::kSize);
+    if (j < C) pack(std::false_type{}, i, j, C - j);
   }
 }
 
-// s1[j] += sum(dy[i, j]), s2[j] += sum(dy[i, j] * (x[i, j] - mean[j])) over rows [r0, r1).
+// s1[j] += sum(dy[i, j]), s2[j] += sum(dy[i, j] * (x[i, j] - mean[j])) over rows [r0, r1); mean in
+// in_lane_order.
 template <typename scalar_t, typename opmath_t>
 void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0, int64_t r1, const opmath_t* mean,
                     double* s1, double* s2) {
@@ -407,23 +495,40 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0
       const int64_t wt = std::min(kTileCols, C - j0);
       const int64_t nq = (wt + P::kSize - 1) / P::kSize;
       for (int64_t q = 0; q < nq; ++q) a1[q] = b1[q] = a2[q] = b2[q] = V(opmath_t(0));
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t q = 0; q < nq; ++q) {
-          const int64_t j = j0 + q * P::kSize, cnt = std::min(P::kSize, C - j);
-          V ga, gb, xa, xb;
+      // Pack q of row i: full packs (kFull) in load_any's lane order, the tile's last partial one
+      // in memory order; past the last column dy is zero, so the product is zero whatever the
+      // mean lanes hold.
+      auto add = [&](auto full, int64_t i, int64_t q) {
+        constexpr bool kFull = decltype(full)::value;
+        const int64_t j = j0 + q * P::kSize, cnt = std::min(P::kSize, C - j);
+        V ga, gb, xa, xb, ma, mb;
+        if constexpr (kFull) {
+          P::load_any(dy + i * C + j, ga, gb);
+          P::load_any(x + i * C + j, xa, xb);
+          ma = V::loadu(mean + j);
+          mb = V::loadu(mean + j + h);
+        } else {
           P::load(dy + i * C + j, ga, gb, cnt);
           P::load(x + i * C + j, xa, xb, cnt);
-          // Past the last column dy is zero, so the product is zero whatever the mean lanes hold.
-          const V ma = V::loadu(mean + j, std::min(cnt, h));
-          const V mb = cnt > h ? V::loadu(mean + j + h, cnt - h) : V(opmath_t(0));
-          a1[q] += ga;
-          b1[q] += gb;
-          a2[q] = at::vec::fmadd(ga, xa - ma, a2[q]);
-          b2[q] = at::vec::fmadd(gb, xb - mb, b2[q]);
+          ma = V::loadu(mean + j, std::min(cnt, h));
+          mb = cnt > h ? V::loadu(mean + j + h, cnt - h) : V(opmath_t(0));
         }
+        a1[q] += ga;
+        b1[q] += gb;
+        a2[q] = at::vec::fmadd(ga, xa - ma, a2[q]);
+        b2[q] = at::vec::fmadd(gb, xb - mb, b2[q]);
+      };
+      const int64_t full = wt / P::kSize;
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t q = 0; q < full; ++q) add(std::true_type{}, i, q);
+        if (full < nq) add(std::false_type{}, i, full);
       }
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t j = j0 + q * P::kSize, cnt = std::min(P::kSize, C - j);
+        if (cnt == P::kSize) {
+          P::to_memory(a1[q], b1[q]);
+          P::to_memory(a2[q], b2[q]);
+        }
         a1[q].store(buf1);
         b1[q].store(buf1 + h);
         a2[q].store(buf2);
@@ -715,7 +820,7 @@ void forward_into(const Tensor& x, const Geometry& whole, const Tensor& w, const
   const int64_t C = whole.c, n = x.size(0), per_sample = n == 0 ? 0 : x.numel() / n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_forward_kernel", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    std::vector<opmath_t> scale(C), shift(C), gain, offset;
+    std::vector<opmath_t> scale(C), shift(C), gain, offset, lanes[2];
     ChannelOut<opmath_t> out{nullptr, nullptr, nullptr, scale.data(), shift.data(),
                              w.defined() ? w.const_data_ptr<opmath_t>() : nullptr,
                              b.defined() ? b.const_data_ptr<opmath_t>() : nullptr, eps};
@@ -763,13 +868,17 @@ void forward_into(const Tensor& x, const Geometry& whole, const Tensor& w, const
         }
         out.set_all(C, static_cast<double>(R), means.data(), m2s.data());
         const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
-        at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-          if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-            rows_affine<false, scalar_t, opmath_t, false>(xp, xp, C, r0, r1, nullptr, nullptr, out.gain, out.offset, yp);
-          } else {
+        if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+          const opmath_t* gain_l = in_lane_order<scalar_t>(out.gain, C, lanes[0]);
+          const opmath_t* offset_l = in_lane_order<scalar_t>(out.offset, C, lanes[1]);
+          at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+            rows_affine<false, scalar_t, opmath_t, false>(xp, xp, C, r0, r1, nullptr, nullptr, gain_l, offset_l, yp);
+          });
+        } else {
+          at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
             rows_affine<false>(xp, xp, C, r0, r1, out.scale, out.mean, out.scale, out.shift, yp);
-          }
-        });
+          });
+        }
       } else {
         const int64_t N = g.n, L = g.l;
         const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(N * L, 1));
@@ -854,7 +963,7 @@ void backward_into(const Tensor& dy, const Tensor& x, const Geometry& whole, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_backward_kernel", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t* wp = w.defined() ? w.const_data_ptr<opmath_t>() : nullptr;
-    std::vector<opmath_t> alpha(C), beta(C), gamma(C);
+    std::vector<opmath_t> alpha(C), beta(C), gamma(C), lanes[4];
     for (int64_t k = 0, blocks = block_count(n, v); k < blocks; ++k) {
       const Block blk = block(whole, n, v, k);
       const Geometry& g = blk.g;
@@ -879,10 +988,11 @@ void backward_into(const Tensor& dy, const Tensor& x, const Geometry& whole, con
       if (g.rows) {
         const int64_t R = g.n;
         const int64_t chunks = row_chunks(R, C);
+        const opmath_t* mean_l = in_lane_order<scalar_t>(mp, C, lanes[0]);
         std::vector<double> s1(std::max<int64_t>(chunks, 1) * C, 0.0), s2(std::max<int64_t>(chunks, 1) * C, 0.0);
         for_chunks(chunks, [&](int64_t k0, int64_t k1) {
           for (int64_t k = k0; k < k1; ++k) {
-            rows_grad_sums(dyp, xp, C, k * R / chunks, (k + 1) * R / chunks, mp, s1.data() + k * C,
+            rows_grad_sums(dyp, xp, C, k * R / chunks, (k + 1) * R / chunks, mean_l, s1.data() + k * C,
                            s2.data() + k * C);
           }
         });
@@ -896,8 +1006,11 @@ void backward_into(const Tensor& dy, const Tensor& x, const Geometry& whole, con
         }
         if (need_dx) {
           const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
+          const opmath_t* alpha_l = in_lane_order<scalar_t>(alpha.data(), C, lanes[1]);
+          const opmath_t* beta_l = in_lane_order<scalar_t>(beta.data(), C, lanes[2]);
+          const opmath_t* gamma_l = in_lane_order<scalar_t>(gamma.data(), C, lanes[3]);
           at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-            rows_affine<true>(dyp, xp, C, r0, r1, alpha.data(), mp, beta.data(), gamma.data(), dxp);
+            rows_affine<true>(dyp, xp, C, r0, r1, alpha_l, mean_l, beta_l, gamma_l, dxp);
           });
         }
       } else {
