@@ -67,6 +67,8 @@ constexpr int64_t kTileRows = 32;
 // the later tiles need only some centre near the data, and a second pass costs as much as a first.
 constexpr int64_t kFirstTileRows = 8;
 constexpr int64_t kTileCols = 1024;
+// Rows rows_moments takes together, each pack's sums held in registers across them.
+constexpr int64_t kRowGroup = 4;
 // Planes tiles: values of one run per tile.
 constexpr int64_t kSegment = 2048;
 // Values of the first tile of a channel's runs, where runs are grouped (see plane_moments).
@@ -294,7 +296,7 @@ Geometry geometry(const Tensor& x) {
 // Each tile's deviations are taken from a centre per column. For the first tile of the range: the
 // tile's own mean (a first pass, row by row, for the sums; then the deviations, one vector of
 // columns at a time, from cache). For every later tile: the mean of the rows before it, already
-// in st, so a single pass, row by row (memory order), gives the sums of deviations and of their
+// in st, so a single pass (rows in groups of kRowGroup) gives the sums of deviations and of their
 // squares. The float error of the tile's M2 = s2 - s1^2 / nb is then about eps * s2, where
 // s2 = M2 + nb * d^2 and d is the tile's mean minus the centre; the merge adds about nb * d^2 to
 // the running M2 for that tile, so the error stays a few eps of the M2 it lands in, however far the
@@ -371,26 +373,38 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
           if (cnt == P::kSize) P::to_lanes(ca[q], cb[q]);
           s1a[q] = s1b[q] = s2a[q] = s2b[q] = V(opmath_t(0));
         }
-        auto add = [&](int64_t q, V a, V b) {
-          a = a - ca[q];
-          b = b - cb[q];
-          s1a[q] += a;
-          s1b[q] += b;
-          s2a[q] = at::vec::fmadd(a, a, s2a[q]);
-          s2b[q] = at::vec::fmadd(b, b, s2b[q]);
+        // Pack q of kRows rows from row i on, summed in registers before they join the tile's sums
+        // (one load and store of those per kRows rows: the loop is bound by them one row at a time).
+        auto add = [&](auto rows, auto full, int64_t i, int64_t q) {
+          constexpr int64_t kRows = decltype(rows)::value;
+          V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
+          for (int64_t r = 0; r < kRows; ++r) {
+            const scalar_t* p = x + (i + r) * C + j0 + q * P::kSize;
+            V a, b;
+            if constexpr (decltype(full)::value) {
+              P::load_any(p, a, b);
+            } else {
+              P::load(p, a, b, wt - q * P::kSize);
+            }
+            a = a - ca[q];
+            b = b - cb[q];
+            t1a += a;
+            t1b += b;
+            t2a = at::vec::fmadd(a, a, t2a);
+            t2b = at::vec::fmadd(b, b, t2b);
+          }
+          s1a[q] += t1a;
+          s1b[q] += t1b;
+          s2a[q] += t2a;
+          s2b[q] += t2b;
         };
-        for (int64_t i = i0; i < i0 + nb; ++i) {
-          const scalar_t* xr = x + i * C + j0;
-          V a, b;
-          for (int64_t q = 0; q < full; ++q) {
-            P::load_any(xr + q * P::kSize, a, b);
-            add(q, a, b);
-          }
-          if (full < nq) {
-            P::load(xr + full * P::kSize, a, b, wt - full * P::kSize);
-            add(full, a, b);
-          }
-        }
+        auto add_rows = [&](auto rows, int64_t i) {
+          for (int64_t q = 0; q < full; ++q) add(rows, std::true_type{}, i, q);
+          if (full < nq) add(rows, std::false_type{}, i, full);
+        };
+        int64_t i = i0;
+        for (; i + kRowGroup <= i0 + nb; i += kRowGroup) add_rows(std::integral_constant<int64_t, kRowGroup>{}, i);
+        for (; i < i0 + nb; ++i) add_rows(std::integral_constant<int64_t, 1>{}, i);
       }
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
