@@ -178,22 +178,54 @@ struct Pack<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scal
   }
 };
 
-// The pack of n values at p as the rows loops read it: a full pack (n >= kSize) in load_any's lane
-// order, a partial one in memory order (as load reads it). Each lane of a rows pack is a column,
-// so the per-column values beside it (centres, means, coefficients) are read in the same order
-// (in_lane_order) and the per-lane sums put back in memory order (to_memory) before they land in
+// The rows loops' packs. A rows pack holds kSize columns of one row: a full pack (kFull) is read
+// and written in load_any's lane order, the last, partial pack of a row (n < kSize columns) in
+// memory order, as load reads it. Each lane of a rows pack is a column, so the per-column values
+// beside it (centres, means, coefficients) are read in the same order (in_lane_order, then
+// load_columns) and the per-lane sums put back in memory order (to_memory) before they land in
 // per-column arrays. For bfloat16 this spares every full pack convert_to_float's and
 // convert_from_float's lane permutations: the rows loops, compute-bound on them, take 0.6-0.9x the
-// time they took (bench/RESULTS.md). The loops run their full packs apart from the last, partial
-// pack of a row, so that the full packs' loop has no branch on the count.
-template <typename scalar_t, typename V>
+// time they took (bench/RESULTS.md). for_packs runs the full packs apart from the partial one, so
+// that the full packs' loop has no branch on the count.
+template <bool kFull, typename scalar_t, typename V>
 inline void load_pack(const scalar_t* p, V& a, V& b, int64_t n) {
-  using P = Pack<scalar_t>;
-  if (n >= P::kSize) {
-    P::load_any(p, a, b);
+  if constexpr (kFull) {
+    Pack<scalar_t>::load_any(p, a, b);
   } else {
-    P::load(p, a, b, n);
+    Pack<scalar_t>::load(p, a, b, n);
   }
+}
+
+template <bool kFull, typename scalar_t, typename V>
+inline void store_pack(scalar_t* p, const V& a, const V& b, int64_t n) {
+  if constexpr (kFull) {
+    Pack<scalar_t>::store_any(p, a, b);
+  } else {
+    Pack<scalar_t>::store(p, a, b, n);
+  }
+}
+
+// Per-column values v[0, n) beside a pack of n columns, as two vectors (zeros past n).
+template <bool kFull, typename T>
+inline void load_columns(const T* v, Vectorized<T>& lo, Vectorized<T>& hi, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t h = V::size();
+  if constexpr (kFull) {
+    lo = V::loadu(v);
+    hi = V::loadu(v + h);
+  } else {
+    lo = V::loadu(v, std::min(n, h));
+    hi = n > h ? V::loadu(v + h, n - h) : V(T(0));
+  }
+}
+
+// f(full, q, n) for each pack q of `columns` columns, n columns in it: the full packs first, full
+// = std::true_type, then the partial one, if any, with std::false_type.
+template <int64_t kSize, typename F>
+inline void for_packs(int64_t columns, const F& f) {
+  const int64_t full = columns / kSize;
+  for (int64_t q = 0; q < full; ++q) f(std::true_type{}, q, kSize);
+  if (full * kSize < columns) f(std::false_type{}, full, columns - full * kSize);
 }
 
 // Per-column values v[0, C) in the order load_pack gives a row's lanes: each full pack of
@@ -323,35 +355,26 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
     const Moments::Factors factors(static_cast<double>(i0 - r0), static_cast<double>(nb));
     for (int64_t j0 = 0; j0 < C; j0 += kTileCols) {
       const int64_t wt = std::min(kTileCols, C - j0);
-      // Packs of the tile: full ones (in load_any's lane order) and a last partial one (memory order).
-      const int64_t nq = (wt + P::kSize - 1) / P::kSize, full = wt / P::kSize;
+      const int64_t nq = (wt + P::kSize - 1) / P::kSize;
       if (first_tile) {
         // Pass 1, row by row: the tile's column sums; pass 2, one vector of columns at a time
         // from cache: the deviations from the tile's mean.
         for (int64_t q = 0; q < nq; ++q) s1a[q] = s1b[q] = V(opmath_t(0));
         for (int64_t i = i0; i < i0 + nb; ++i) {
-          const scalar_t* xr = x + i * C + j0;
-          for (int64_t q = 0; q < full; ++q) {
+          for_packs<P::kSize>(wt, [&](auto full, int64_t q, int64_t n) {
             V a, b;
-            P::load_any(xr + q * P::kSize, a, b);
+            load_pack<decltype(full)::value>(x + i * C + j0 + q * P::kSize, a, b, n);
             s1a[q] += a;
             s1b[q] += b;
-          }
-          if (full < nq) {
-            V a, b;
-            P::load(xr + full * P::kSize, a, b, wt - full * P::kSize);
-            s1a[full] += a;
-            s1b[full] += b;
-          }
+          });
         }
-        for (int64_t q = 0; q < nq; ++q) {
-          const int64_t cnt = std::min(P::kSize, wt - q * P::kSize);
+        for_packs<P::kSize>(wt, [&](auto full, int64_t q, int64_t n) {
           const scalar_t* xc = x + j0 + q * P::kSize;
           const V mean_a = s1a[q] * inv, mean_b = s1b[q] * inv;
           V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
           for (int64_t i = i0; i < i0 + nb; ++i) {
             V a, b;
-            load_pack(xc + i * C, a, b, cnt);
+            load_pack<decltype(full)::value>(xc + i * C, a, b, n);
             a = a - mean_a;
             b = b - mean_b;
             t1a += a;
@@ -360,7 +383,7 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
             t2b = at::vec::fmadd(b, b, t2b);
           }
           ca[q] = mean_a, cb[q] = mean_b, s1a[q] = t1a, s1b[q] = t1b, s2a[q] = t2a, s2b[q] = t2b;
-        }
+        });
       } else {
         // (Lanes past the last column read zeros and have centre zero: they add nothing.)
         for (int64_t q = 0; q < nq; ++q) {
@@ -373,34 +396,27 @@ void rows_moments(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, double* 
           if (cnt == P::kSize) P::to_lanes(ca[q], cb[q]);
           s1a[q] = s1b[q] = s2a[q] = s2b[q] = V(opmath_t(0));
         }
-        // Pack q of kRows rows from row i on, summed in registers before they join the tile's sums
-        // (one load and store of those per kRows rows: the loop is bound by them one row at a time).
-        auto add = [&](auto rows, auto full, int64_t i, int64_t q) {
-          constexpr int64_t kRows = decltype(rows)::value;
-          V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
-          for (int64_t r = 0; r < kRows; ++r) {
-            const scalar_t* p = x + (i + r) * C + j0 + q * P::kSize;
-            V a, b;
-            if constexpr (decltype(full)::value) {
-              P::load_any(p, a, b);
-            } else {
-              P::load(p, a, b, wt - q * P::kSize);
-            }
-            a = a - ca[q];
-            b = b - cb[q];
-            t1a += a;
-            t1b += b;
-            t2a = at::vec::fmadd(a, a, t2a);
-            t2b = at::vec::fmadd(b, b, t2b);
-          }
-          s1a[q] += t1a;
-          s1b[q] += t1b;
-          s2a[q] += t2a;
-          s2b[q] += t2b;
-        };
+        // Each pack of `rows` rows from row i on, summed in registers before they join the tile's
+        // sums (one load and store of those per kRowGroup rows: the loop is bound by them one row
+        // at a time).
         auto add_rows = [&](auto rows, int64_t i) {
-          for (int64_t q = 0; q < full; ++q) add(rows, std::true_type{}, i, q);
-          if (full < nq) add(rows, std::false_type{}, i, full);
+          for_packs<P::kSize>(wt, [&](auto full, int64_t q, int64_t n) {
+            V t1a(opmath_t(0)), t1b(opmath_t(0)), t2a(opmath_t(0)), t2b(opmath_t(0));
+            for (int64_t r = 0; r < decltype(rows)::value; ++r) {
+              V a, b;
+              load_pack<decltype(full)::value>(x + (i + r) * C + j0 + q * P::kSize, a, b, n);
+              a = a - ca[q];
+              b = b - cb[q];
+              t1a += a;
+              t1b += b;
+              t2a = at::vec::fmadd(a, a, t2a);
+              t2b = at::vec::fmadd(b, b, t2b);
+            }
+            s1a[q] += t1a;
+            s1b[q] += t1b;
+            s2a[q] += t2a;
+            s2b[q] += t2b;
+          });
         };
         int64_t i = i0;
         for (; i + kRowGroup <= i0 + nb; i += kRowGroup) add_rows(std::integral_constant<int64_t, kRowGroup>{}, i);
@@ -439,56 +455,30 @@ void rows_affine(const scalar_t* u, const scalar_t* x, int64_t C, int64_t r0, in
                  const opmath_t* mean, const opmath_t* scale, const opmath_t* shift, scalar_t* out) {
   using P = Pack<scalar_t>;
   using V = typename P::V;
-  constexpr int64_t h = V::size();
-  // Columns [j, j + cnt) of row i: a full pack (kFull, cnt = kSize) in load_any's lane order, the
-  // last partial one in memory order, with coefficients zero past cnt (lanes never stored). The
-  // full packs run in a loop of their own, without the partial pack's branches.
-  auto pack = [&](auto full, int64_t i, int64_t j, int64_t cnt) {
-    constexpr bool kFull = decltype(full)::value;
-    auto coefficients = [&](const opmath_t* v, V& lo, V& hi) {
-      if constexpr (kFull) {
-        lo = V::loadu(v + j);
-        hi = V::loadu(v + j + h);
-      } else {
-        lo = V::loadu(v + j, std::min(cnt, h));
-        hi = cnt > h ? V::loadu(v + j + h, cnt - h) : V(opmath_t(0));
-      }
-    };
-    auto load = [&](const scalar_t* p, V& lo, V& hi) {
-      if constexpr (kFull) {
-        P::load_any(p, lo, hi);
-      } else {
-        P::load(p, lo, hi, cnt);
-      }
-    };
-    V a, b, sa, sb, ta, tb;
-    load(x + i * C + j, a, b);
-    if constexpr (kCentred) {
-      V ma, mb;
-      coefficients(mean, ma, mb);
-      a = a - ma;
-      b = b - mb;
-    }
-    coefficients(scale, sa, sb);
-    coefficients(shift, ta, tb);
-    V ya = at::vec::fmadd(a, sa, ta), yb = at::vec::fmadd(b, sb, tb);
-    if constexpr (kWithU) {
-      V ua, ub, aa, ab;
-      load(u + i * C + j, ua, ub);
-      coefficients(alpha, aa, ab);
-      ya = at::vec::fmadd(aa, ua, ya);
-      yb = at::vec::fmadd(ab, ub, yb);
-    }
-    if constexpr (kFull) {
-      P::store_any(out + i * C + j, ya, yb);
-    } else {
-      P::store(out + i * C + j, ya, yb, cnt);
-    }
-  };
   for (int64_t i = r0; i < r1; ++i) {
-    int64_t j = 0;
-    for (; j + P::kSize <= C; j += P::kSize) pack(std::true_type{}, i, j, P::kSize);
-    if (j < C) pack(std::false_type{}, i, j, C - j);
+    for_packs<P::kSize>(C, [&](auto full, int64_t q, int64_t n) {
+      constexpr bool kFull = decltype(full)::value;
+      const int64_t j = q * P::kSize, o = i * C + j;
+      V a, b, sa, sb, ta, tb;
+      load_pack<kFull>(x + o, a, b, n);
+      if constexpr (kCentred) {
+        V ma, mb;
+        load_columns<kFull>(mean + j, ma, mb, n);
+        a = a - ma;
+        b = b - mb;
+      }
+      load_columns<kFull>(scale + j, sa, sb, n);
+      load_columns<kFull>(shift + j, ta, tb, n);
+      V ya = at::vec::fmadd(a, sa, ta), yb = at::vec::fmadd(b, sb, tb);
+      if constexpr (kWithU) {
+        V ua, ub, aa, ab;
+        load_pack<kFull>(u + o, ua, ub, n);
+        load_columns<kFull>(alpha + j, aa, ab, n);
+        ya = at::vec::fmadd(aa, ua, ya);
+        yb = at::vec::fmadd(ab, ub, yb);
+      }
+      store_pack<kFull>(out + o, ya, yb, n);
+    });
   }
 }
 
@@ -509,33 +499,20 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t C, int64_t r0
       const int64_t wt = std::min(kTileCols, C - j0);
       const int64_t nq = (wt + P::kSize - 1) / P::kSize;
       for (int64_t q = 0; q < nq; ++q) a1[q] = b1[q] = a2[q] = b2[q] = V(opmath_t(0));
-      // Pack q of row i: full packs (kFull) in load_any's lane order, the tile's last partial one
-      // in memory order; past the last column dy is zero, so the product is zero whatever the
-      // mean lanes hold.
-      auto add = [&](auto full, int64_t i, int64_t q) {
-        constexpr bool kFull = decltype(full)::value;
-        const int64_t j = j0 + q * P::kSize, cnt = std::min(P::kSize, C - j);
-        V ga, gb, xa, xb, ma, mb;
-        if constexpr (kFull) {
-          P::load_any(dy + i * C + j, ga, gb);
-          P::load_any(x + i * C + j, xa, xb);
-          ma = V::loadu(mean + j);
-          mb = V::loadu(mean + j + h);
-        } else {
-          P::load(dy + i * C + j, ga, gb, cnt);
-          P::load(x + i * C + j, xa, xb, cnt);
-          ma = V::loadu(mean + j, std::min(cnt, h));
-          mb = cnt > h ? V::loadu(mean + j + h, cnt - h) : V(opmath_t(0));
-        }
-        a1[q] += ga;
-        b1[q] += gb;
-        a2[q] = at::vec::fmadd(ga, xa - ma, a2[q]);
-        b2[q] = at::vec::fmadd(gb, xb - mb, b2[q]);
-      };
-      const int64_t full = wt / P::kSize;
+      // Past the last column dy is zero, so the product is zero whatever the mean lanes hold.
       for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t q = 0; q < full; ++q) add(std::true_type{}, i, q);
-        if (full < nq) add(std::false_type{}, i, full);
+        for_packs<P::kSize>(wt, [&](auto full, int64_t q, int64_t n) {
+          constexpr bool kFull = decltype(full)::value;
+          const int64_t j = j0 + q * P::kSize;
+          V ga, gb, xa, xb, ma, mb;
+          load_pack<kFull>(dy + i * C + j, ga, gb, n);
+          load_pack<kFull>(x + i * C + j, xa, xb, n);
+          load_columns<kFull>(mean + j, ma, mb, n);
+          a1[q] += ga;
+          b1[q] += gb;
+          a2[q] = at::vec::fmadd(ga, xa - ma, a2[q]);
+          b2[q] = at::vec::fmadd(gb, xb - mb, b2[q]);
+        });
       }
       for (int64_t q = 0; q < nq; ++q) {
         const int64_t j = j0 + q * P::kSize, cnt = std::min(P::kSize, C - j);
