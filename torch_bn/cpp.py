@@ -257,8 +257,7 @@ def output_cache_info() -> dict[str, int]:
     memory whose every page faults in on first write. Returns ``cached_bytes`` (held in free
     buffers), ``limit_bytes`` (the most it holds; 1 GiB unless set), ``hits`` and ``misses``
     (outputs served from a held buffer, from new memory); zeros where the op is not available."""
-    ops = op()
-    values = torch.ops.torch_bn_cpp.output_cache_info() if ops is not None else [0, 0, 0, 0]
+    values = torch.ops.torch_bn_cpp.output_cache_info() if op() is not None else [0, 0, 0, 0]
     return dict(zip(("cached_bytes", "limit_bytes", "hits", "misses"), values))
 
 
@@ -268,8 +267,7 @@ def set_output_cache_limit(nbytes: int) -> int:
     The limit is the process's (every thread's) and lasts until set again."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"set_output_cache_limit takes a number of bytes >= 0, got {nbytes!r}")
-    ops = op()
-    return torch.ops.torch_bn_cpp.set_output_cache_limit(nbytes) if ops is not None else 0
+    return torch.ops.torch_bn_cpp.set_output_cache_limit(nbytes) if op() is not None else 0
 
 
 def empty_output_cache() -> int:
