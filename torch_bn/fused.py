@@ -5,8 +5,9 @@ op is absent (``TORCH_BN_CPP=0``, or no C++ compiler). Where the op is built, ev
 it instead (:mod:`torch_bn.cpp`, faster still), and this module only runs when pinned with
 ``torch_bn.use_path("fused")``. It stays because it serves the no-compiler case measurably
 better than the reference ops: forward+backward, 1 thread, 2-core CPU, reference / fused time
-1.4x at (32, 64, 32, 32) float32, 2.5x at (4096, 1024), 3.3x at (256, 65536); bfloat16 1.6x,
-3.4x, 7.2x (bench/RESULTS.md, "Without the compiled op").
+2.3x at (32, 64, 32, 32) float32, 3.3x at (4096, 1024), 3.2x at (256, 65536); bfloat16 1.8x,
+2.2x, 5.6x; near FUSED_MIN_ELEMENTS, at (256, 1024), 1.5x float32 and about even bfloat16
+(bench/RESULTS.md, "Without the compiled op").
 
 Same results as the reference ops to within rounding (tested against them and float64), but
 not differentiable: they run where autograd is not recording, inside BatchNormFunction.
